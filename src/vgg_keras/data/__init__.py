@@ -1,0 +1,1 @@
+"""The tf.data input pipeline: sources, transforms, statistics, demo data."""
