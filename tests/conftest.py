@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models and run directories, and the real images in ../shared/data."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
+
+
+@pytest.fixture
+def imagenet_samples():
+    """The ~1000 real ImageNet JPEGs of ../shared/data/imagenet-samples (skips when absent)."""
+    if not SHARED_SAMPLES.is_dir():
+        pytest.skip(f"real images not available: {SHARED_SAMPLES} does not exist (../shared is absent)")
+    return sorted(SHARED_SAMPLES.glob("*.JPEG"))
+
+
+def make_run_dir(path, config="A", num_classes=3, crop=32, scale=(40, 48), seed=0):
+    """A run directory as training leaves it (see vgg_keras.runs), with a randomly initialised model."""
+    import vgg_keras
+    from vgg_keras.data.stats import IMAGENET_STATS
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = vgg_keras.build_vgg(config, num_classes=num_classes, input_shape=(crop, crop, 3),
+                                init="glorot", seed=seed)
+    model.save(path / "best.keras")
+    (path / "config.json").write_text(json.dumps({"config": config, "num_classes": num_classes,
+                                                  "crop": crop, "scale": list(scale)}))
+    (path / "class_names.json").write_text(json.dumps([f"class_{i}" for i in range(num_classes)]))
+    IMAGENET_STATS.to_json(path / "stats.json")
+    return path
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run directory of config A with 3 classes, trained at crop 32 with S in [40, 48]."""
+    return make_run_dir(tmp_path / "run")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
