@@ -164,10 +164,12 @@ def _read_h5_weights(path):
     """{layer name: [arrays]} from a legacy Keras `.h5` or a Keras 3 `.weights.h5` file."""
     weights = {}
     with h5py.File(path, "r") as f:
-        if "layers" in f:  # Keras 3: layers/<name>/vars/<i>
-            for name, group in f["layers"].items():
+        if "layers" in f:  # Keras 3: layers/<object path>/vars/<i>, the layer's name in the vars' attrs
+            for path, group in f["layers"].items():
                 if "vars" in group and len(group["vars"]):
-                    weights[name] = [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
+                    variables = group["vars"]
+                    name = variables.attrs.get("name", path)
+                    weights[name] = [variables[str(i)][()] for i in range(len(variables))]
         else:  # legacy: <name>/weight_names
             root = f["model_weights"] if "model_weights" in f else f
             for name in root.attrs["layer_names"]:
