@@ -1,0 +1,394 @@
+"""Training: the paper's recipe (Section 3.1 / PAPER.md section 2) under tf.distribute, resumable after a crash.
+
+Entry point: `train(TrainConfig(...))`. One epoch is one `model.fit` call, so that each epoch draws its
+own augmentation (seed + epoch) and a resumed run continues exactly where the last checkpoint left it.
+
+The run directory (see runs.py) gets, besides config.json / class_names.json / stats.json / best.keras:
+    checkpoints/epoch_NNNN.weights.h5   model + optimizer state after epoch NNNN (the last two kept)
+    state.json                          completed epochs, schedule state, per-epoch history, finished flag
+    log.csv, tensorboard/, history.png
+Every file is written to a temporary name and renamed, so a kill at any moment leaves the last good one.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import data as vdata
+from .configs import check_config
+from .data.stats import IMAGENET_STATS, ColorStats
+from .model import build_vgg, initialize_from
+from .runs import load_run, write_json_atomic
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every number of the paper's recipe is a default here (PAPER.md section 2)."""
+
+    config: str = "A"
+    data: str = ""
+    run_dir: str = ""
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    scale: tuple = (256, 256)  # (Smin, Smax); equal for single-scale training
+    crop: int = 224
+    epochs: int = 74
+    batch_size: int = 256  # global batch, split over the replicas; the learning rate is not rescaled
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # Caffe semantics, see model.CAFFE_TO_KERAS_L2
+    dropout: float = 0.5
+    init: str = "paper"
+    init_std: float = 0.01
+    init_from: str | None = None  # run of a trained A: pre-initialise the paper's 7 layers
+    finetune_from: str | None = None  # run of the same config: start from all its weights
+    plateau_patience: int = 2  # epochs without a better val top-1 before the lr is divided by 10
+    max_lr_reductions: int = 3  # the paper decreased it 3 times; the next plateau ends training
+    stats: str | None = None  # ColorStats JSON from `vgg-keras stats`; None: ImageNet's
+    val_fraction: float = 0.1
+    mixed_precision: bool = False
+    xla: bool = False
+    seed: int = 0
+
+    @property
+    def val_q(self):
+        """Centre-crop validation at the middle of the training scales (Q = S for a fixed S)."""
+        return max(self.crop, round((self.scale[0] + self.scale[1]) / 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The learning-rate schedule
+
+
+class PlateauSchedule(keras.callbacks.Callback):
+    """ReduceLROnPlateau on validation top-1, with the paper's ending: the plateau after the last reduction
+    stops training. Its counters are plain attributes so that checkpoints can save and restore them."""
+
+    def __init__(self, monitor="val_top1", factor=0.1, patience=2, max_reductions=3, min_delta=1e-4):
+        super().__init__()
+        self.monitor, self.factor, self.patience = monitor, factor, patience
+        self.max_reductions, self.min_delta = max_reductions, min_delta
+        self.best, self.wait, self.reductions, self.ended_on_plateau = -math.inf, 0, 0, False
+
+    def state(self):
+        return {"best": self.best, "wait": self.wait, "reductions": self.reductions}
+
+    def restore(self, state):
+        self.best, self.wait, self.reductions = state["best"], state["wait"], state["reductions"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        value = logs.get(self.monitor)
+        if value is None and not np.isfinite(logs.get("loss", np.nan)):
+            return  # a NaN loss stopped the epoch before validation: EpochCheckpoint reports it
+        if value is None:
+            raise KeyError(f"PlateauSchedule monitors {self.monitor!r}, which the logs lack: {sorted(logs)}")
+        logs["lr"] = float(self.model.optimizer.learning_rate)
+        if value > self.best + self.min_delta:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait < self.patience:
+            return
+        self.wait = 0
+        if self.reductions >= self.max_reductions:
+            self.model.stop_training = self.ended_on_plateau = True
+            print(f"\nEpoch {epoch + 1}: {self.monitor} plateaued after {self.reductions} reductions: stopping")
+            return
+        new_lr = logs["lr"] * self.factor
+        self.model.optimizer.learning_rate.assign(new_lr)
+        self.reductions += 1
+        print(f"\nEpoch {epoch + 1}: {self.monitor} plateaued: learning rate {logs['lr']:.3g} -> {new_lr:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and the run directory
+
+
+class RunDirectory:
+    """Reads and writes a run directory; only the chief worker writes."""
+
+    KEEP_CHECKPOINTS = 2
+
+    def __init__(self, path, is_chief=True):
+        self.path, self.is_chief = path, is_chief
+        self.checkpoints = os.path.join(path, "checkpoints")
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def load_state(self):
+        if not os.path.exists(self.file("state.json")):
+            return None
+        with open(self.file("state.json")) as f:
+            return json.load(f)
+
+    def prepare(self, resolved_config, class_names, stats):
+        """Create the directory for a new run, or check that an existing one is this run, unfinished."""
+        state = self.load_state()
+        if state and state.get("finished"):
+            raise FileExistsError(f"{self.path} holds a finished run ({state['epoch']} epochs); "
+                                  "choose another --run-dir or delete it")
+        if os.path.exists(self.file("config.json")):
+            with open(self.file("config.json")) as f:
+                previous = json.load(f)
+            changed = {k: (previous.get(k), v) for k, v in resolved_config.items()
+                       if k not in ("replicas",) and previous.get(k) != v}
+            if changed:
+                diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise ValueError(f"{self.path} holds an unfinished run with other settings ({diff}); "
+                                 "rerun with the same settings to resume, or choose another --run-dir")
+        if self.is_chief:
+            os.makedirs(self.checkpoints, exist_ok=True)
+            write_json_atomic(self.file("config.json"), resolved_config)
+            write_json_atomic(self.file("class_names.json"), list(class_names))
+            write_json_atomic(self.file("stats.json"), dataclasses.asdict(stats))
+        return state
+
+    def save_model(self, model, name):
+        """`model.save` to a temporary `.keras` file, then rename over `name`."""
+        if self.is_chief:
+            tmp = self.file(f".tmp-{name}")
+            model.save(tmp)
+            os.replace(tmp, self.file(name))
+
+    def save_epoch(self, model, epoch, state):
+        """Checkpoint after `epoch` (0-based): weights + optimizer first, then the state that points to it."""
+        name = f"epoch_{epoch + 1:04d}.weights.h5"
+        if self.is_chief:
+            tmp = os.path.join(self.checkpoints, f".tmp-{name}")
+            model.save_weights(tmp)
+            os.replace(tmp, os.path.join(self.checkpoints, name))
+            write_json_atomic(self.file("state.json"), {**state, "checkpoint": name})
+            self._write_csv(state["history"])
+            for old in sorted(f for f in os.listdir(self.checkpoints) if f.startswith("epoch_"))[
+                    :-self.KEEP_CHECKPOINTS]:
+                os.remove(os.path.join(self.checkpoints, old))
+
+    def restore_epoch(self, model, state):
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(self.checkpoints, state["checkpoint"]))
+
+    def _write_csv(self, history):
+        """log.csv is rewritten from the checkpointed history: each completed epoch exactly once."""
+        tmp = self.file(".tmp-log.csv")
+        columns = list(history[0]) if history else ["epoch"]
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.file("log.csv"))
+
+    def finish(self, state):
+        if self.is_chief:
+            write_json_atomic(self.file("state.json"), {**state, "finished": True})
+            plot_history(state["history"], self.file("history.png"))
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch with a finite loss: checkpoint, state, log, and best.keras when val top-1 improved."""
+
+    def __init__(self, run_dir, schedule, history, best_top1):
+        super().__init__()
+        self.run_dir, self.schedule, self.history, self.best_top1 = run_dir, schedule, history, best_top1
+        self.nan_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        if not np.isfinite(logs.get("loss", np.nan)):
+            self.nan_epoch = epoch + 1
+            self.model.stop_training = True
+            return
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in sorted(logs.items())}}
+        self.history.append(row)
+        if logs.get("val_top1", -1) > self.best_top1:
+            self.best_top1 = logs["val_top1"]
+            self.run_dir.save_model(self.model, "best.keras")
+        self.run_dir.save_epoch(self.model, epoch, self.state(epoch + 1))
+
+    def state(self, epochs_done):
+        return {"epoch": epochs_done, "schedule": self.schedule.state(), "best_top1": self.best_top1,
+                "lr": float(self.model.optimizer.learning_rate), "history": self.history}
+
+
+def plot_history(history, path):
+    """history.png: loss, top-1, top-5 and learning rate per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, key in zip(axes, ("loss", "top1", "top5", "lr")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in (history[0] if history else {}):
+                ax.plot(epochs, [row[prefix + key] for row in history], style, label=prefix + key)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[3].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distribution, model, data
+
+
+def distribution_strategy():
+    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over the visible GPUs."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy()
+
+
+def is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not os.environ.get("TF_CONFIG"):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0
+                                    and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def set_precision(mixed):
+    """mixed_float16 on GPUs, mixed_bfloat16 where bf16 is the native choice (CPU, TPU); else float32."""
+    if not mixed:
+        keras.mixed_precision.set_global_policy("float32")
+    elif tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    else:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    return keras.mixed_precision.global_policy().name
+
+
+def build_and_compile(cfg, num_classes):
+    model = build_vgg(cfg.config, num_classes=num_classes, input_shape=(cfg.crop, cfg.crop, 3),
+                      dropout=cfg.dropout, weight_decay=cfg.weight_decay, init=cfg.init,
+                      init_std=cfg.init_std, seed=cfg.seed)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
+        # Keras turns "auto" off under tf.distribute: say what is meant
+        jit_compile=cfg.xla,
+    )
+    return model
+
+
+def load_source_run(path, cfg, num_classes, flag):
+    """Load --init-from / --finetune-from RUN, refusing one whose config or classes do not fit."""
+    source = load_run(path)
+    source_config = source.config.get("config") or "unknown"
+    classes = source.model.output_shape[-1]
+    if classes != num_classes:
+        raise ValueError(f"{flag} {path}: that run has {classes} classes, this data set has {num_classes}")
+    if flag == "--finetune-from" and source_config != cfg.config:
+        raise ValueError(f"{flag} {path}: that run trained config {source_config}, this one is {cfg.config}; "
+                         "fine-tuning needs the same configuration (use --init-from to pre-initialise from A)")
+    if flag == "--init-from" and source_config not in ("A", "A-LRN"):
+        raise ValueError(f"{flag} {path}: pre-initialisation copies from a trained A, that run is {source_config}")
+    return source.model
+
+
+def start_weights(model, cfg, num_classes):
+    """Apply --init-from or --finetune-from; returns the names of the layers copied."""
+    if cfg.init_from:
+        return initialize_from(model, load_source_run(cfg.init_from, cfg, num_classes, "--init-from"))
+    if cfg.finetune_from:
+        source = load_source_run(cfg.finetune_from, cfg, num_classes, "--finetune-from")
+        names = [layer.name for layer in model.layers if layer.weights]
+        return initialize_from(model, source, layer_names=names)
+    return []
+
+
+def check_arguments(cfg, replicas):
+    cfg.config = check_config(cfg.config)
+    if not cfg.data:
+        raise ValueError("--data is required: a class-folder directory, a TFRecord directory or tfds:NAME")
+    if not cfg.run_dir:
+        raise ValueError("--run-dir is required")
+    if cfg.batch_size < 1 or cfg.batch_size % replicas:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not divide over {replicas} replicas: "
+                         f"use a multiple of {replicas}")
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.init_from and cfg.finetune_from:
+        raise ValueError("--init-from and --finetune-from exclude each other")
+    vdata.parse_scale(f"{cfg.scale[0]}:{cfg.scale[1]}")  # validates Smin <= Smax
+    if cfg.crop > cfg.scale[0]:
+        raise ValueError(f"--crop {cfg.crop} is larger than the smallest training scale Smin={cfg.scale[0]}")
+
+
+def distribute_options(dataset):
+    options = tf.data.Options()
+    # records are not one file per worker: shard by element
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def train(cfg, return_model=False):
+    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked)."""
+    policy = set_precision(cfg.mixed_precision)
+    strategy = distribution_strategy()
+    check_arguments(cfg, strategy.num_replicas_in_sync)
+    source = vdata.load_source(cfg.data, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+    stats = ColorStats.from_json(cfg.stats) if cfg.stats else IMAGENET_STATS
+    num_classes = len(source.class_names)
+    resolved = {**dataclasses.asdict(cfg), "scale": list(cfg.scale), "num_classes": num_classes,
+                "val_q": cfg.val_q, "precision_policy": policy, "replicas": strategy.num_replicas_in_sync}
+    run_dir = RunDirectory(cfg.run_dir, is_chief(strategy))
+    state = run_dir.prepare(resolved, source.class_names, stats)
+
+    with strategy.scope():
+        model = build_and_compile(cfg, num_classes)
+    schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
+    if state:
+        run_dir.restore_epoch(model, state)
+        model.optimizer.learning_rate.assign(state["lr"])
+        schedule.restore(state["schedule"])
+        print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+    else:
+        copied = start_weights(model, cfg, num_classes)
+        if copied:
+            print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: {', '.join(copied)}")
+    checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
+                                 state["best_top1"] if state else -1.0)
+    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN()]
+    if run_dir.is_chief:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
+
+    val_data = distribute_options(vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q,
+                                                    stats=stats))
+    first_epoch = state["epoch"] if state else 0
+    for epoch in range(first_epoch, cfg.epochs):
+        train_data = vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop,
+                                         stats=stats, seed=cfg.seed * 100_003 + epoch)
+        model.fit(distribute_options(train_data), validation_data=val_data, initial_epoch=epoch,
+                  epochs=epoch + 1, callbacks=callbacks, verbose="auto")
+        if checkpoint.nan_epoch:
+            raise FloatingPointError(
+                f"the loss became NaN in epoch {checkpoint.nan_epoch}; training stopped. The last good checkpoint "
+                f"({run_dir.checkpoints}) is kept: resume with a lower --lr or check the data")
+        if model.stop_training:
+            break
+    epochs_done = checkpoint.history[-1]["epoch"] if checkpoint.history else first_epoch
+    final = {**checkpoint.state(epochs_done), "ended_on_plateau": schedule.ended_on_plateau}
+    run_dir.finish(final)
+    return (model, final) if return_model else final
