@@ -23,6 +23,7 @@ import tensorflow as tf
 from . import data as vdata
 from .configs import check_config
 from .data.stats import IMAGENET_STATS, ColorStats
+from .distribute import distribution_strategy, fix_keras_for_multi_worker, is_chief
 from .model import build_vgg, initialize_from
 from .runs import load_run, write_json_atomic
 
@@ -89,7 +90,7 @@ class PlateauSchedule(keras.callbacks.Callback):
             return  # a NaN loss stopped the epoch before validation: EpochCheckpoint reports it
         if value is None:
             raise KeyError(f"PlateauSchedule monitors {self.monitor!r}, which the logs lack: {sorted(logs)}")
-        logs["lr"] = float(self.model.optimizer.learning_rate)
+        logs["lr"] = learning_rate(self.model)
         if value > self.best + self.min_delta:
             self.best, self.wait = value, 0
             return
@@ -214,7 +215,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def state(self, epochs_done):
         return {"epoch": epochs_done, "schedule": self.schedule.state(), "best_top1": self.best_top1,
-                "lr": float(self.model.optimizer.learning_rate), "history": self.history}
+                "lr": learning_rate(self.model), "history": self.history}
 
 
 def plot_history(history, path):
@@ -241,22 +242,6 @@ def plot_history(history, path):
 
 # ---------------------------------------------------------------------------------------------------------
 # Distribution, model, data
-
-
-def distribution_strategy():
-    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over the visible GPUs."""
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.MirroredStrategy()
-
-
-def is_chief(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not os.environ.get("TF_CONFIG"):
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0
-                                    and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def set_precision(mixed):
@@ -331,11 +316,20 @@ def check_arguments(cfg, replicas):
         raise ValueError(f"--crop {cfg.crop} is larger than the smallest training scale Smin={cfg.scale[0]}")
 
 
-def distribute_options(dataset):
+def epoch_of(dataset, num_examples, batch_size):
+    """(dataset, steps) for one epoch of `num_examples`: a known length gives Keras a progress bar and all
+    workers the same number of steps (skipped bad files are made up by the repeat)."""
     options = tf.data.Options()
     # records are not one file per worker: shard by element
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
+    dataset = dataset.with_options(options)
+    if not num_examples:
+        return dataset, None
+    return dataset.repeat(), math.ceil(num_examples / batch_size)
+
+
+def learning_rate(model):
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,32 +350,37 @@ def train(cfg, return_model=False):
     run_dir = RunDirectory(cfg.run_dir, is_chief(strategy))
     state = run_dir.prepare(resolved, source.class_names, stats)
 
+    schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
     with strategy.scope():
         model = build_and_compile(cfg, num_classes)
-    schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
-    if state:
-        run_dir.restore_epoch(model, state)
-        model.optimizer.learning_rate.assign(state["lr"])
-        schedule.restore(state["schedule"])
-        print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
-    else:
-        copied = start_weights(model, cfg, num_classes)
-        if copied:
-            print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: {', '.join(copied)}")
+        if state:
+            run_dir.restore_epoch(model, state)
+            model.optimizer.learning_rate.assign(state["lr"])
+            schedule.restore(state["schedule"])
+            print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+        else:
+            copied = start_weights(model, cfg, num_classes)
+            if copied:
+                print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: "
+                      f"{', '.join(copied)}")
+    fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
                                  state["best_top1"] if state else -1.0)
     callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN()]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
-    val_data = distribute_options(vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q,
-                                                    stats=stats))
+    val_data, val_steps = epoch_of(vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q,
+                                                     stats=stats), source.num_examples("val"), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
     for epoch in range(first_epoch, cfg.epochs):
-        train_data = vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop,
-                                         stats=stats, seed=cfg.seed * 100_003 + epoch)
-        model.fit(distribute_options(train_data), validation_data=val_data, initial_epoch=epoch,
-                  epochs=epoch + 1, callbacks=callbacks, verbose="auto")
+        # each epoch its own augmentation seed: a resumed run draws what the uninterrupted one would have
+        train_data, train_steps = epoch_of(
+            vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
+                                seed=cfg.seed * 100_003 + epoch),
+            source.num_examples("train"), cfg.batch_size)
+        model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data, validation_steps=val_steps,
+                  initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, verbose="auto")
         if checkpoint.nan_epoch:
             raise FloatingPointError(
                 f"the loss became NaN in epoch {checkpoint.nan_epoch}; training stopped. The last good checkpoint "
