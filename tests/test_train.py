@@ -268,3 +268,23 @@ def test_source_runs_that_do_not_fit_are_refused(tmp_path):
         start_weights(target, _config(config="D", finetune_from=str(b)), 3)
     with pytest.raises(ValueError, match="copies from a trained A, that run is B"):
         start_weights(target, _config(config="D", init_from=str(b)), 3)
+
+
+def test_mixed_precision_keeps_a_float32_softmax(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", per_class=4)
+    result = run_cli("train", *TINY, "--mixed-precision", "--data", str(data), "--run-dir", str(tmp_path / "run"),
+                     "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["precision_policy"] == "mixed_bfloat16"  # the CPU's choice; GPUs get mixed_float16
+    model = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
+    assert model.get_layer("block1_conv1").compute_dtype == "bfloat16"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+
+
+def test_xla_flag_sets_jit_compile_explicitly():
+    from vgg_keras.train import build_and_compile
+
+    for xla in (True, False):
+        model = build_and_compile(TrainConfig(config="A", crop=32, scale=(40, 40), xla=xla), 3)
+        assert model.jit_compile is xla
