@@ -7,7 +7,7 @@ CLI := $(VENV)/bin/vgg-keras
 CONFIG ?= A
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test bench summary
+.PHONY: install test bench summary export
 
 install: $(VENV)/.installed
 
@@ -28,3 +28,28 @@ bench: install
 
 summary: install
 	$(CLI) summary --config $(CONFIG)
+
+# Exports the newest runs/*/best.keras as saved_models/NAME/<next version> (NAME default: vgg_<config>).
+# Override: make export RUN=runs/x NAME=y SCALES=256,384,512
+RUN ?= $(patsubst %/best.keras,%,$(firstword $(shell ls -t runs/*/best.keras 2>/dev/null)))
+export: install
+	@test -n "$(RUN)" || { echo "make export: no runs/*/best.keras to export; train first or pass RUN=<run dir>" >&2; exit 2; }
+	$(CLI) export --model $(RUN) $(if $(NAME),--name $(NAME)) $(if $(SCALES),--scales $(SCALES))
+
+# Evaluation (PAPER.md section 3) of the newest run (RUN=runs/x to choose) on the validation data it was trained on
+# (DATA=... SPLIT=... to choose), at the paper's test scales for its training scale (SCALES=256,384,512 to choose).
+# eval-multicrop is the paper's "multi-crop & dense": its table has the dense, multi-crop and combined rows (Table 5).
+# eval-fusion averages the posteriors of MODELS="runs/a runs/b" (Table 6) with METHOD (default multicrop+dense).
+# Reports: RUN/eval-<target>.json and .md (fusion: runs/eval-fusion.json); PREDICTIONS=FILE for per-image top-5.
+.PHONY: eval-center eval-dense eval-multicrop eval-fusion
+MODELS ?= $(RUN)
+METHOD ?= multicrop+dense
+EVAL_FLAGS = $(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) $(if $(SCALES),--scales $(SCALES)) \
+	$(if $(PREDICTIONS),--predictions $(PREDICTIONS))
+eval-center eval-dense eval-multicrop: eval-%: install
+	@test -n "$(RUN)" || { echo "make $@: no runs/*/best.keras to evaluate; train first or pass RUN=<run dir>" >&2; exit 2; }
+	$(CLI) eval --model $(RUN) --method $(if $(filter multicrop,$*),multicrop+dense,$*) $(EVAL_FLAGS) \
+		--out $(RUN)/eval-$*.json
+eval-fusion: install
+	@test -n "$(word 2,$(MODELS))" || { echo 'make eval-fusion: name two runs or more, e.g. MODELS="runs/a runs/b"' >&2; exit 2; }
+	$(CLI) eval $(foreach m,$(MODELS),--model $(m)) --method $(METHOD) $(EVAL_FLAGS) --out runs/eval-fusion.json

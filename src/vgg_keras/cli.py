@@ -13,6 +13,50 @@ def cmd_summary(args):
     print_summary(args.config, args.input_size, args.num_classes)
 
 
+def cmd_export(args):
+    from .evaluate import parse_scales
+    from .export import export
+
+    scales = parse_scales(args.scales) if args.scales else None
+    print(f"exported {export(args.model, args.name, scales, args.top_k, args.out)}")
+
+
+def cmd_eval(args):
+    from .evaluate import parse_scales, run_evaluation
+
+    run_evaluation(args.model, data=args.data, split=args.split, method=args.method,
+                   scales=parse_scales(args.scales) if args.scales is not None else None, flip=not args.no_flip,
+                   out=args.out, predictions=args.predictions, softmax_first=args.softmax_first, limit=args.limit)
+
+
+def cmd_predict(args):
+    from .predict import predict
+
+    return 1 if predict(args.saved_model, args.images, args.version, args.top_k) else 0
+
+
+def cmd_train(args):
+    from .data import parse_scale
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        config=args.config, data=args.data, run_dir=args.run_dir, data_dir=args.data_dir,
+        manual_dir=args.manual_dir, scale=parse_scale(args.scale, flag="--scale"), crop=args.crop,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        dropout=args.dropout, init=args.init, init_std=args.init_std, init_from=args.init_from,
+        finetune_from=args.finetune_from, plateau_patience=args.plateau_patience, stats=args.stats,
+        val_fraction=args.val_fraction, mixed_precision=args.mixed_precision, xla=args.xla, seed=args.seed,
+    )
+    state = train(cfg)
+    last = state["history"][-1] if state["history"] else {}
+    print(f"\nRun finished: {cfg.run_dir} ({state['epoch']} epochs, best val top-1 {state['best_top1']:.3f}, "
+          f"last val top-5 {last.get('val_top5', float('nan')):.3f})")
+    print("Evaluate it:  make eval-multicrop   or   vgg-keras eval --model "
+          f"{cfg.run_dir} --method multicrop+dense")
+    print(f"Export it:    make export          or   vgg-keras export --model {cfg.run_dir} --name "
+          f"vgg_{cfg.config.lower().replace('-', '_')}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="vgg-keras", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +67,67 @@ def build_parser():
     p.add_argument("--num-classes", type=int, default=1000)
     p.set_defaults(func=cmd_summary)
 
+    p = sub.add_parser("train", help="train a configuration with the paper's recipe (resumes an unfinished run)")
+    p.add_argument("--config", default="A", help="A, A-LRN, B, C, D or E (default A)")
+    p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
+    p.add_argument("--run-dir", required=True, help="where checkpoints, logs and the best model go")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--manual-dir", help="TFDS manual directory (imagenet2012: the ILSVRC tars)")
+    p.add_argument("--scale", default="256", help="training scale S: 256 (fixed) or 256:512 (jittered)")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=74)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the replicas")
+    p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (not rescaled with the batch)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="Caffe semantics: gradient gains wd * w")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--init", default="paper", choices=["paper", "glorot"])
+    p.add_argument("--init-std", type=float, default=0.01, help="std of the 'paper' normal initialisation")
+    p.add_argument("--init-from", metavar="RUN", help="pre-initialise from a trained A (4 conv + 3 FC layers)")
+    p.add_argument("--finetune-from", metavar="RUN", help="start from all weights of a run of the same config")
+    p.add_argument("--plateau-patience", type=int, default=2, help="epochs without progress before lr / 10")
+    p.add_argument("--stats", help="colour statistics JSON from `vgg-keras stats` (default: ImageNet's)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 on GPUs (bfloat16 on CPU/TPU)")
+    p.add_argument("--xla", action="store_true", help="jit-compile the train step (Keras disables 'auto' "
+                   "under tf.distribute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="TF Serving SavedModel doing dense evaluation, as saved_models/NAME/<version>")
+    p.add_argument("--model", required=True, help="run directory (its best.keras) or .keras file")
+    p.add_argument("--name", help="model name for TF Serving (default: vgg_<config>, e.g. vgg_a)")
+    p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's for the training scale)")
+    p.add_argument("--top-k", type=int, default=5, help="classes returned per image (default: 5)")
+    p.add_argument("--out", default="saved_models", help="folder of exported models (default: saved_models)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="top-k classes of image files with an exported SavedModel")
+    p.add_argument("--saved-model", required=True, help="saved_models/NAME (or one of its version folders)")
+    p.add_argument("--version", type=int, help="version to load (default: the highest)")
+    p.add_argument("--top-k", type=int, help="classes printed per image (default: all the model returns)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="top-1 / top-5 error by centre crop, dense or multi-crop evaluation at "
+                       "several scales; several --model are fused (PAPER.md section 3)")
+    p.add_argument("--model", action="append", required=True, metavar="RUN_OR_FILE",
+                   help="run directory (its best.keras) or .keras file; repeat to fuse models")
+    p.add_argument("--data", help="class-folder directory, TFRecord directory, or tfds:NAME "
+                   "(default: the data the first --model was trained on)")
+    p.add_argument("--split", default="val", help="split of --data (default: val)")
+    p.add_argument("--method", default="dense", metavar="METHOD",
+                   help="center, dense, multicrop or multicrop+dense (default: dense)")
+    p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's rule from each "
+                   "model's training scale S: fixed S -> S-32,S,S+32; [Smin,Smax] -> Smin,(Smin+Smax)/2,Smax)")
+    p.add_argument("--no-flip", action="store_true", help="do not average in horizontally flipped views")
+    p.add_argument("--softmax-first", action="store_true", help="dense: soft-max each location of the score map, "
+                   "then average (default: average the scores, then soft-max, as the paper)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--out", help="report as JSON (e.g. report.json); its markdown table goes beside it (report.md)")
+    p.add_argument("--predictions", metavar="FILE", help="per-image top-5 with class names: CSV for FILE.csv, "
+                   "JSON lines otherwise")
+    p.set_defaults(func=cmd_eval)
+
     return parser
 
 
@@ -30,7 +135,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"vgg-keras {args.command}: error: {err}", file=sys.stderr)
         return 2
 
