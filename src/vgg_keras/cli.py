@@ -57,6 +57,15 @@ def cmd_train(args):
           f"vgg_{cfg.config.lower().replace('-', '_')}")
 
 
+def cmd_make_demo_data(args):
+    from .data.demo import make_demo_data
+
+    annotations = make_demo_data(args.dir, train_per_class=args.train_per_class,
+                                 val_per_class=args.val_per_class, seed=args.seed)
+    print(f"{len(annotations['images'])} images of {len(annotations['classes'])} classes in {args.dir} "
+          f"(boxes in {args.dir}/annotations.json)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="vgg-keras", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +75,13 @@ def build_parser():
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("make-demo-data", help="generate the embedded demo data set (shapes on clutter, with boxes)")
+    p.add_argument("dir", help="an empty or new directory")
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo_data)
 
     p = sub.add_parser("train", help="train a configuration with the paper's recipe (resumes an unfinished run)")
     p.add_argument("--config", default="A", help="A, A-LRN, B, C, D or E (default A)")

@@ -1,0 +1,126 @@
+"""The embedded demo data set: `vgg-keras make-demo-data DIR`, the default data of `make train`.
+
+Ten classes of shapes, each drawn once per image at a random size (30-80 % of the shorter side), position,
+rotation and colour, on a cluttered background (noise, lines, small polygons), in images of varied size and
+aspect ratio. Colour says nothing about the class, so a classifier must learn shape; the objects' varied
+scale and position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
+
+    DIR/train/<class>/<n>.jpg, DIR/val/<class>/<n>.jpg
+    DIR/annotations.json   {"classes": [...], "images": [{"file", "label", "width", "height",
+                                                          "box": [xmin, ymin, xmax, ymax]}, ...]}
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "arrow", "hexagon", "chevron")
+SIDE_RANGE = (64, 160)  # image sides, pixels
+ASPECT_RANGE = (0.6, 1.7)  # width / height
+OBJECT_RANGE = (0.3, 0.8)  # object size / shorter image side
+
+
+def _polygon(points, cx, cy, radius, angle):
+    """Unit-circle `points` (x, y) rotated by `angle`, scaled by `radius`, centred at (cx, cy)."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]
+
+
+def _regular(n, start=-math.pi / 2):
+    return [(math.cos(start + 2 * math.pi * i / n), math.sin(start + 2 * math.pi * i / n)) for i in range(n)]
+
+
+def _star():
+    return [(r * math.cos(-math.pi / 2 + math.pi * i / 5), r * math.sin(-math.pi / 2 + math.pi * i / 5))
+            for i, r in zip(range(10), [1, 0.42] * 5)]
+
+
+# Outlines in unit coordinates (radius 1 around the centre); circle and ring are drawn as ellipses.
+OUTLINES = {
+    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
+    "triangle": _regular(3),
+    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
+              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "star": _star(),
+    "diamond": [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)],
+    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)],
+    "hexagon": _regular(6, start=0),
+    "chevron": [(-0.9, -0.9), (-0.3, -0.9), (0.5, 0), (-0.3, 0.9), (-0.9, 0.9), (-0.1, 0)],
+}
+
+
+def _colour(rng, avoid=None, min_distance=120):
+    """A random RGB colour, at least `min_distance` away from `avoid` (so the object stands out)."""
+    while True:
+        colour = rng.integers(0, 256, size=3)
+        if avoid is None or np.linalg.norm(colour - avoid) >= min_distance:
+            return tuple(int(c) for c in colour)
+
+
+def _background(rng, width, height):
+    """Noise around a random base colour, with random lines and small polygons as clutter."""
+    base = rng.integers(0, 256, size=3)
+    noise = rng.normal(0, 25, size=(height, width, 3))
+    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    short = min(width, height)
+    for _ in range(int(rng.integers(4, 10))):
+        points = [tuple(int(v) for v in rng.integers(0, [width, height])) for _ in range(2)]
+        draw.line(points, fill=_colour(rng), width=int(rng.integers(1, 4)))
+    for _ in range(int(rng.integers(3, 8))):  # small irregular blobs, well below the objects' size
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        radius = rng.uniform(0.03, 0.1) * short
+        angles = np.sort(rng.uniform(0, 2 * math.pi, size=int(rng.integers(3, 7))))
+        draw.polygon([(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles], fill=_colour(rng))
+    return image, base
+
+
+def draw_example(rng, label):
+    """One image (PIL, RGB) with one object of class `label`, and its box [xmin, ymin, xmax, ymax]."""
+    aspect = rng.uniform(*ASPECT_RANGE)
+    side = rng.uniform(*SIDE_RANGE)
+    width, height = (int(side), int(side / aspect)) if aspect >= 1 else (int(side * aspect), int(side))
+    width, height = max(width, SIDE_RANGE[0] // 2), max(height, SIDE_RANGE[0] // 2)
+    image, base = _background(rng, width, height)
+    radius = rng.uniform(*OBJECT_RANGE) * min(width, height) / 2
+    cx = rng.uniform(radius, width - radius)
+    cy = rng.uniform(radius, height - radius)
+    colour = _colour(rng, avoid=base)
+    draw = ImageDraw.Draw(image)
+    if label in ("circle", "ring"):
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        draw.ellipse(box, fill=colour)
+        if label == "ring":
+            inner = radius * 0.55
+            draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=tuple(int(c) for c in base))
+    else:
+        points = _polygon(OUTLINES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        draw.polygon(points, fill=colour)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        box = [min(xs), min(ys), max(xs), max(ys)]
+    box = [max(0, round(box[0])), max(0, round(box[1])), min(width, round(box[2])), min(height, round(box[3]))]
+    return image, box
+
+
+def make_demo_data(out_dir, train_per_class=100, val_per_class=20, seed=0, classes=CLASSES):
+    """Write the demo data set under `out_dir` (see the module docstring); returns the annotation dict."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose an empty or new directory")
+    rng = np.random.default_rng(seed)
+    annotations = {"classes": list(classes), "seed": seed, "images": []}
+    jobs = [(split, label, i) for split, count in (("train", train_per_class), ("val", val_per_class))
+            for label in classes for i in range(count)]
+    for split, label, i in tqdm(jobs, desc="demo images", unit="img"):
+        image, box = draw_example(rng, label)
+        relative = os.path.join(split, label, f"{i:04d}.jpg")
+        os.makedirs(os.path.join(out_dir, split, label), exist_ok=True)
+        image.save(os.path.join(out_dir, relative), quality=90)
+        annotations["images"].append({"file": relative, "label": label, "width": image.width,
+                                      "height": image.height, "box": box})
+    with open(os.path.join(out_dir, "annotations.json"), "w") as f:
+        json.dump(annotations, f)
+    return annotations
