@@ -22,6 +22,7 @@ CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "
 SIDE_RANGE = (64, 160)  # image sides, pixels
 ASPECT_RANGE = (0.6, 1.7)  # width / height
 OBJECT_RANGE = (0.3, 0.8)  # object size / shorter image side
+MAX_ROTATION = 20  # degrees: more would turn a square into a diamond, an arrow into a chevron
 
 
 def _polygon(points, cx, cy, radius, angle):
@@ -98,7 +99,7 @@ def draw_example(rng, label):
             inner = radius * 0.55
             draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=tuple(int(c) for c in base))
     else:
-        points = _polygon(OUTLINES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        points = _polygon(OUTLINES[label], cx, cy, radius, math.radians(rng.uniform(-MAX_ROTATION, MAX_ROTATION)))
         draw.polygon(points, fill=colour)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         box = [min(xs), min(ys), max(xs), max(ys)]

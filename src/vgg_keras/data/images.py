@@ -38,6 +38,14 @@ def center_crop(image, size):
     return image[top:top + size, left:left + size, :]
 
 
+def add_per_channel(image, values):
+    """image [..., w, 3] + values [3] (float32). Broadcasting over an innermost axis of 3 is slow in TensorFlow
+    (about 3x a plain add), so the values are tiled along whole rows instead."""
+    shape = tf.shape(image)
+    rows = tf.reshape(image, [-1, shape[-2] * 3]) + tf.tile(tf.cast(values, tf.float32), [shape[-2]])
+    return tf.reshape(rows, shape)
+
+
 def subtract_mean(image, mean_rgb):
     """The paper's only preprocessing: subtract the training set's mean RGB."""
-    return image - tf.constant(mean_rgb, dtype=tf.float32)
+    return add_per_channel(image, -tf.constant(mean_rgb, dtype=tf.float32))

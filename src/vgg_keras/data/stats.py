@@ -5,6 +5,8 @@ import dataclasses
 import json
 
 import numpy as np
+import tensorflow as tf
+import tqdm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +52,40 @@ IMAGENET_STATS = ColorStats(
     ),
     source="imagenet",
 )
+
+
+def _pixel_moments(image):
+    """Pixel count, sum and sum of outer products of one float32 RGB 0-255 image, in [0, 1] units centred on 0.5
+    (centring keeps the float32 sums accurate; the covariance does not depend on it)."""
+    pixels = tf.reshape(image, [-1, 3]) / 255.0 - 0.5
+    return tf.shape(pixels, out_type=tf.int64)[0], tf.reduce_sum(pixels, 0), tf.matmul(pixels, pixels, transpose_a=True)
+
+
+def compute_stats(source, split="train", max_images=None, seed=0):
+    """Mean RGB and the eigen-decomposition of the 3x3 RGB covariance over every pixel of the split's images
+    (or of `max_images` of them, drawn at random with `seed`), streamed with a progress bar."""
+    from .decode import decode_records
+
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"--max-images {max_images!r}: must be a positive integer")
+    records = source.records(split, shuffle=max_images is not None, seed=seed)
+    if max_images is not None:
+        records = records.take(max_images)
+    moments = decode_records(records).map(lambda record: _pixel_moments(record["image"]),
+                                          num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    total = min(filter(None, (source.num_examples(split), max_images)), default=None)
+    count, images, first, second = 0, 0, np.zeros(3), np.zeros((3, 3))
+    for n, s, ss in tqdm.tqdm(moments.as_numpy_iterator(), total=total, desc=f"stats {split}", unit="img"):
+        count, images = count + n, images + 1
+        first += s
+        second += ss
+    if count == 0:
+        raise ValueError(f"--data {source.spec}: no decodable image in the {split} split")
+    mean = first / count
+    covariance = second / count - np.outer(mean, mean)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]  # largest first, like IMAGENET_STATS
+    return ColorStats(mean_rgb=tuple(float(v) for v in 255.0 * (mean + 0.5)),
+                      eigenvalues=tuple(float(v) for v in eigenvalues[order]),
+                      eigenvectors=tuple(tuple(float(v) for v in row) for row in eigenvectors[:, order]),
+                      source=f"{source.spec} ({split}, {images} images)")

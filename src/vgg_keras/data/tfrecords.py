@@ -1,0 +1,145 @@
+"""`vgg-keras prepare`: a source converted to sharded TFRecords (the fast path for large data sets), and the source
+that reads them back.
+
+Each record holds the file's encoded bytes unchanged, its label, class name and id. Undecodable files are skipped
+and listed in the metadata. Records are written in a seeded random order, round-robin over the shards, so that
+reading shards in a shuffled, interleaved order with a modest shuffle buffer mixes the classes well. Shards are
+written under a temporary name and renamed when complete; the metadata file, written last, marks a finished
+directory (`load_source` recognises the directory by it).
+"""
+
+import json
+import math
+import os
+import pathlib
+
+import tensorflow as tf
+import tqdm
+
+from .decode import SKIPPED, robust_map
+from .images import decode_rgb
+from .sources import SHUFFLE_BUFFER, SPLITS, check_split
+
+METADATA = "vgg-keras-tfrecords.json"
+FORMAT = "vgg-keras-tfrecords/1"
+RECORDS_PER_SHARD = 1024  # default shard count: about 100 MB of ImageNet JPEGs per shard
+MAX_OPEN_SHARDS = 16  # shards read at once
+
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "class_name": tf.io.FixedLenFeature([], tf.string),
+    "id": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def is_tfrecord_dir(path):
+    return (pathlib.Path(path) / METADATA).is_file()
+
+
+class TFRecordSource:
+    """The shards and metadata that `prepare` wrote in `directory`."""
+
+    def __init__(self, directory):
+        self.directory = pathlib.Path(directory)
+        self.spec = str(directory)
+        try:
+            self.metadata = json.loads((self.directory / METADATA).read_text())
+            if self.metadata.get("format") != FORMAT:
+                raise ValueError(f"format {self.metadata.get('format')!r}, expected {FORMAT!r}")
+            self.class_names = list(self.metadata["class_names"])
+            self._splits = {split: self.metadata["splits"][split] for split in SPLITS}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--data {directory}: unreadable {METADATA} ({err})") from None
+
+    def num_examples(self, split):
+        check_split(split)
+        return int(self._splits[split]["num_examples"])
+
+    def records(self, split, shuffle=False, seed=None):
+        check_split(split)
+        paths = [str(self.directory / name) for name in self._splits[split]["files"]]
+        files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+        if shuffle:
+            files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
+        # A fixed cycle length (not AUTOTUNE) keeps the order the same on every machine.
+        records = files.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
+                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if shuffle:
+            records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+        return records.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _parse(serialized):
+    example = tf.io.parse_single_example(serialized, _FEATURES)
+    return {"image": example["image"], "label": example["label"], "id": example["id"]}
+
+
+def _serialize(data, label, class_name, file_id):
+    def feature(value):
+        if isinstance(value, int):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": feature(data), "label": feature(label), "class_name": feature(class_name.encode()),
+        "id": feature(file_id)})).SerializeToString()
+
+
+def _checked_records(source, split, seed):
+    """(record, decodable) for every record of the split, in a seeded random order; decodes each file once."""
+    checked = robust_map(source.records(split, shuffle=True, seed=seed), lambda data: tf.shape(decode_rgb(data)),
+                         tf.zeros([3], tf.int32))
+    return checked.map(lambda shape, record, ok: (record, ok))
+
+
+def _write_split(source, split, out_dir, num_shards, seed):
+    """Write one split's shards; returns its metadata entry and the ids of the files skipped."""
+    names = [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+    writers = [tf.io.TFRecordWriter(str(out_dir / (name + ".tmp"))) for name in names]
+    counts, skipped, written = [0] * len(source.class_names), [], 0
+    try:
+        records = _checked_records(source, split, seed).as_numpy_iterator()
+        for record, ok in tqdm.tqdm(records, total=source.num_examples(split), desc=f"prepare {split}",
+                                    unit="img"):
+            if not ok:
+                skipped.append(record["id"].decode("utf-8", "replace"))
+                continue
+            label = int(record["label"])
+            writers[written % num_shards].write(
+                _serialize(record["image"], label, source.class_names[label], record["id"]))
+            counts[label] += 1
+            written += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    for name in names:
+        os.replace(out_dir / (name + ".tmp"), out_dir / name)
+    return {"num_examples": written, "files": names, "class_counts": counts}, skipped
+
+
+def prepare(source, out_dir, shards=None, seed=0):
+    """Convert `source` (train and val splits) into TFRecord shards in `out_dir` (new or empty).
+
+    shards: number of training shards (default: one per 1024 images); val gets a proportional number.
+    Returns the metadata written (with "skipped": {id: reason}).
+    """
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"--out {out_dir}: exists and is not an empty directory")
+    if shards is not None and (not isinstance(shards, int) or shards < 1):
+        raise ValueError(f"--shards {shards!r}: must be a positive integer")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {split: source.num_examples(split) or 0 for split in SPLITS}
+    train_shards = shards or max(1, math.ceil(sizes["train"] / RECORDS_PER_SHARD))
+    metadata = {"format": FORMAT, "source": source.spec,
+                "class_names": list(source.class_names), "splits": {}, "skipped": {}}
+    for split in SPLITS:
+        num_shards = max(1, round(train_shards * sizes[split] / max(sizes["train"], 1)))
+        metadata["splits"][split], skipped = _write_split(source, split, out_dir, num_shards, seed)
+        reasons = SKIPPED.reasons()
+        metadata["skipped"].update({file_id: reasons.get(file_id, "undecodable") for file_id in skipped})
+    tmp = out_dir / (METADATA + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+    os.replace(tmp, out_dir / METADATA)
+    return metadata

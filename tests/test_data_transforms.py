@@ -1,0 +1,177 @@
+"""The training and validation transforms of PAPER.md section 2: scale jittering, random crop, flip, PCA colour shift,
+mean subtraction, windowed decoding; argument checks; reproducibility."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_data_fixtures import BytesSource, batches, encode, noise, ramp, repeated
+
+from vgg_keras.data import parse_scale, train_dataset, val_dataset
+from vgg_keras.data.images import decode_rgb, rescale
+from vgg_keras.data.pipeline import element_seeds, eval_transform, stateless_seed, training_choices
+from vgg_keras.data.stats import ColorStats
+
+PLAIN = dict(flip=False, color_shift=False)  # the geometric transform alone
+ZERO_MEAN = ColorStats(mean_rgb=(0.0, 0.0, 0.0), eigenvalues=(0.2175, 0.0188, 0.0045),
+                       eigenvectors=((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140),
+                                     (-0.5836, -0.6948, 0.4203)))
+
+
+def choices(n, scale=(256, 512), stats=ZERO_MEAN, seed=0):
+    """training_choices of n consecutive element seeds, as numpy arrays (S, position, mirror, colour offset)."""
+    seeds = element_seeds(seed).take(n).map(
+        lambda r: training_choices(stateless_seed(r), scale, stats)).batch(n)
+    return [t.numpy() for t in next(iter(seeds))]
+
+
+# Arguments ------------------------------------------------------------------------------------------------------------
+
+def test_parse_scale():
+    assert parse_scale("256") == (256, 256)
+    assert parse_scale("256:512") == (256, 512)
+    assert parse_scale(384) == (384, 384)
+
+
+@pytest.mark.parametrize("text, message", [("abc", "--scale 'abc': expected S"), ("256:", "expected S"),
+                                           ("1:2:3", "expected S"), ("0", "positive"),
+                                           ("512:256", r"Smin \(512\) is larger than Smax \(256\)")])
+def test_parse_scale_errors_name_the_flag_and_value(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_scale(text)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scale=(512, 256)), "Smin"),
+    (dict(scale=(256, 512), crop=300), "--crop 300 is larger than the smallest scale 256"),
+    (dict(crop=0), "--crop 0"),
+    (dict(batch_size=0), "--batch-size 0"),
+    (dict(split="test"), "split 'test'"),
+])
+def test_train_dataset_argument_errors(kwargs, message):
+    src = repeated(encode(noise(40, 40)), 2)
+    args = dict(batch_size=2, scale=(32, 48), crop=32) | kwargs
+    with pytest.raises(ValueError, match=message):
+        train_dataset(src, **args)
+
+
+def test_val_dataset_checks_q_against_crop():
+    with pytest.raises(ValueError, match="--crop 64 is larger than the smallest scale 48 \\(--q\\)"):
+        val_dataset(repeated(encode(noise(40, 40)), 2), 2, crop=64, q=48)
+
+
+# Random choices -------------------------------------------------------------------------------------------------------
+
+def test_smallest_side_is_uniform_over_the_whole_range():
+    smallest, _, _, _ = choices(3000, scale=(32, 40))
+    assert smallest.min() == 32 and smallest.max() == 40  # both ends drawn
+    counts = np.bincount(smallest - 32, minlength=9)
+    assert counts.min() > 3000 / 9 * 0.75  # every value, about equally often
+    smallest, _, _, _ = choices(2000, scale=(256, 512))
+    assert 256 <= smallest.min() < 262 and 506 < smallest.max() <= 512
+    assert choices(50, scale=(300, 300))[0].tolist() == [300] * 50  # fixed S
+
+
+def test_flip_probability_is_one_half():
+    _, position, mirror, _ = choices(4000)
+    assert 0.47 < mirror.mean() < 0.53
+    assert 0 <= position.min() and position.max() < 1 and abs(position.mean() - 0.5) < 0.02
+
+
+def test_color_shift_covariance_follows_the_eigen_decomposition():
+    _, _, _, offsets = choices(6000)
+    p, lam = np.array(ZERO_MEAN.eigenvectors), np.array(ZERO_MEAN.eigenvalues)
+    expected = 255.0 ** 2 * 0.1 ** 2 * p @ np.diag(lam ** 2) @ p.T
+    assert np.abs(offsets.mean(0)).max() < 0.05 * np.sqrt(expected[0, 0])
+    assert np.linalg.norm(np.cov(offsets.T) - expected) < 0.08 * np.linalg.norm(expected)
+
+
+# The transform, end to end --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # the windowed JPEG decode and the decode-all path
+@pytest.mark.parametrize("size", [(96, 128), (128, 96)])
+def test_rescaled_smallest_side_covers_smin_to_smax(fmt, size):
+    """The crop of a ramp image shows the scale S it was rescaled to (slope = step * min side / S)."""
+    options = {"quality": 98} if fmt == "JPEG" else {}
+    pixels = ramp(*size) if size[1] > size[0] else np.transpose(ramp(*size[::-1]), (1, 0, 2))
+    images, _ = batches(train_dataset(repeated(encode(pixels, fmt, **options), 300), 100, scale=(96, 192), crop=32,
+                                      stats=ZERO_MEAN, seed=1, **PLAIN))
+    axis = 2 if size[1] > size[0] else 1
+    profile = images[..., 0].mean(axis=3 - axis)  # along the ramp
+    slope = np.polyfit(np.arange(4, 28), profile[:, 4:28].T, 1)[0]
+    estimated = 2 * 96 / slope
+    assert 96 * 0.95 < estimated.min() < 96 + 10 and 192 - 10 < estimated.max() < 192 * 1.05
+
+
+@pytest.mark.parametrize("size", [(3, 2), (1, 1), (6, 300), (300, 6), (150, 200)])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_crop_size_for_any_image_size(size, fmt):
+    images, labels = batches(train_dataset(repeated(encode(noise(*size), fmt), 6, label=1), 4, scale=(40, 56),
+                                           crop=40, seed=0))
+    assert images.shape == (6, 40, 40, 3) and images.dtype == np.float32
+    assert labels.tolist() == [1] * 6 and labels.dtype == np.int64
+
+
+def test_small_images_are_upscaled_not_padded():
+    colour = np.full((5, 4, 3), (90, 150, 210), np.uint8)
+    images, _ = batches(train_dataset(repeated(encode(colour, "PNG"), 4), 4, scale=(64, 96), crop=64,
+                                      stats=ZERO_MEAN, seed=0, **PLAIN))
+    np.testing.assert_allclose(images.reshape(-1, 3), np.tile([90, 150, 210], (4 * 64 * 64, 1)), atol=1e-3)
+
+
+def test_mean_subtraction_and_colour_shift_add_one_offset_per_image():
+    stats = ColorStats(mean_rgb=(10.0, 20.0, 30.0), eigenvalues=ZERO_MEAN.eigenvalues,
+                       eigenvectors=ZERO_MEAN.eigenvectors)
+    src = repeated(encode(np.full((40, 50, 3), (200, 100, 50), np.uint8), "PNG"), 64)
+    plain, _ = batches(train_dataset(src, 64, scale=(40, 48), crop=32, stats=stats, seed=5, **PLAIN))
+    np.testing.assert_allclose(plain.reshape(-1, 3), np.tile([190, 80, 20], (64 * 32 * 32, 1)), atol=1e-3)
+    shifted, _ = batches(train_dataset(src, 64, scale=(40, 48), crop=32, stats=stats, seed=5, flip=False))
+    offsets = (shifted - plain).reshape(64, -1, 3)
+    np.testing.assert_allclose(offsets, np.broadcast_to(offsets[:, :1], offsets.shape), atol=1e-3)  # per image
+    assert np.abs(offsets[:, 0]).max() > 1.0  # shifted, differently per image
+    assert len({tuple(np.round(o, 3)) for o in offsets[:, 0]}) == 64
+
+
+def test_flips_about_half_the_crops():
+    left_dark = np.concatenate([np.zeros((32, 16, 3)), np.full((32, 16, 3), 255)], 1)
+    src = repeated(encode(left_dark, "PNG"), 400)
+    for flip, low, high in ((True, 0.42, 0.58), (False, 0.0, 0.0)):
+        images, _ = batches(train_dataset(src, 100, scale=(32, 32), crop=32, stats=ZERO_MEAN, seed=2, flip=flip,
+                                          color_shift=False))
+        flipped = images[:, :, :16].mean((1, 2, 3)) > images[:, :, 16:].mean((1, 2, 3))
+        assert low <= flipped.mean() <= high
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    src = BytesSource([(encode(noise(50, 70, seed=i)), i % 2, f"f{i}") for i in range(12)])
+
+    def epochs(seed, count=2):
+        dataset = train_dataset(src, 5, scale=(40, 64), crop=32, seed=seed)
+        return [batches(dataset) for _ in range(count)]  # each pass is one epoch
+
+    first, again, other = epochs(7), epochs(7), epochs(8)
+    for (images, labels), (images2, labels2) in zip(first, again):
+        np.testing.assert_array_equal(images, images2)
+        np.testing.assert_array_equal(labels, labels2)
+    assert not np.array_equal(first[0][0], other[0][0])
+    assert not np.array_equal(first[0][0], first[1][0])  # a new epoch draws new crops and order
+
+
+@pytest.mark.parametrize("q, crop", [(256, 224), (64, 56), (96, 56)])  # JPEG windows decoded at 1/1, 1/4, 1/2 scale
+def test_window_decode_matches_decoding_and_rescaling_everything(imagenet_samples, q, crop):
+    """Our centre crop (window decoded alone, resized) against the slow way (decode all, antialiased rescale to Q,
+    crop): closer than the slow way's own crop one pixel further (an integer window is up to half a pixel off)."""
+    for path in imagenet_samples[:4]:
+        data = path.read_bytes()
+        rescaled = rescale(decode_rgb(data), q).numpy()
+        top, left = (rescaled.shape[0] - crop) // 2, (rescaled.shape[1] - crop) // 2
+        reference = rescaled[top:top + crop, left:left + crop]
+        one_pixel_off = rescaled[top + 1:top + 1 + crop, left + 1:left + 1 + crop]
+        ours = eval_transform(tf.constant(data), q, crop, ZERO_MEAN).numpy()
+        assert np.abs(ours - reference).mean() < 0.8 * np.abs(one_pixel_off - reference).mean(), path.name
+
+
+def test_val_dataset_centre_crops_every_image_in_order():
+    items = [(encode(np.full((60 + 10 * i, 40, 3), 20 * i, np.uint8), "PNG"), i % 2, f"f{i}") for i in range(5)]
+    images, labels = batches(val_dataset(BytesSource(items), 2, crop=32, q=40, stats=ZERO_MEAN))
+    assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 0, 1, 0]
+    np.testing.assert_allclose(images.mean((1, 2, 3)), [0, 20, 40, 60, 80], atol=1e-3)
