@@ -66,6 +66,50 @@ def cmd_make_demo_data(args):
           f"(boxes in {args.dir}/annotations.json)")
 
 
+def _source(args):
+    """The source of --data (with --data-dir, --manual-dir, --val-fraction, --seed): part of parsing the flags."""
+    from .data import load_source
+
+    return load_source(args.data, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                       val_fraction=args.val_fraction, seed=args.seed)
+
+
+def cmd_prepare(args):
+    from .data import prepare
+
+    metadata = prepare(_source(args), args.out, shards=args.shards, seed=args.seed)
+    counts = ", ".join(f"{split} {entry['num_examples']} images in {len(entry['files'])} shards"
+                       for split, entry in metadata["splits"].items())
+    print(f"{args.out}: {counts}; {len(metadata['skipped'])} undecodable files skipped")
+    for file_id, reason in sorted(metadata["skipped"].items()):
+        print(f"  skipped {file_id}: {reason}")
+
+
+def cmd_stats(args):
+    from .data import compute_stats
+
+    stats = compute_stats(_source(args), split=args.split, max_images=args.max_images, seed=args.seed)
+    stats.to_json(args.out)
+    print(f"{args.out}: mean RGB {[round(v, 2) for v in stats.mean_rgb]}, eigenvalues "
+          f"{[round(v, 5) for v in stats.eigenvalues]} ({stats.source})")
+
+
+def cmd_check_data(args):
+    from .data import check_data, parse_scale
+
+    report = check_data(_source(args), scale=parse_scale(args.scale), crop=args.crop, seed=args.seed)
+    print(report.format())
+    return 0 if report.used else 1
+
+
+def _add_data_flags(p, seed_help="seed of the validation split (and of sampling)"):
+    p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--manual-dir", help="TFDS manual directory (imagenet2012: the ILSVRC tars)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="vgg-keras", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +126,26 @@ def build_parser():
     p.add_argument("--val-per-class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("prepare", help="convert a data source into sharded TFRecords (the fast path for large sets)")
+    _add_data_flags(p, seed_help="seed of the validation split and of the record order")
+    p.add_argument("--out", required=True, help="a new or empty directory for the shards and their metadata")
+    p.add_argument("--shards", type=int, help="number of training shards (default: one per 1024 images)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("stats", help="mean RGB and RGB covariance eigen-decomposition of the training images")
+    _add_data_flags(p, seed_help="seed of the validation split and of --max-images sampling")
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--max-images", type=int, help="use a random sample of this many images")
+    p.add_argument("--out", required=True, help="JSON file (e.g. stats.json) for train --stats")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("check-data", help="run the training transform over every image once; report what is used, "
+                       "what is skipped and why, and the class counts (exit 1 when nothing is usable)")
+    _add_data_flags(p, seed_help="seed of the validation split and of the augmentation")
+    p.add_argument("--scale", default="256", help="training scale S: 256 (fixed) or 256:512 (jittered)")
+    p.add_argument("--crop", type=int, default=224)
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train", help="train a configuration with the paper's recipe (resumes an unfinished run)")
     p.add_argument("--config", default="A", help="A, A-LRN, B, C, D or E (default A)")
