@@ -1,7 +1,8 @@
 """The embedded demo data set: `vgg-keras make-demo-data DIR`, the default data of `make train`.
 
-Ten classes of shapes, each drawn once per image at a random size (30-80 % of the shorter side), position,
-rotation and colour, on a cluttered background (noise, lines, small polygons), in images of varied size and
+Ten classes of shapes, each drawn once per image at a random size (40-85 % of the shorter side), position,
+rotation (within ±20°) and colour, on a cluttered background (noise, lines, blobs in colours near the
+background's, so that they texture the scene without competing with the object), in images of varied size and
 aspect ratio. Colour says nothing about the class, so a classifier must learn shape; the objects' varied
 scale and position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "arrow", "hexagon", "chevron")
 SIDE_RANGE = (64, 160)  # image sides, pixels
 ASPECT_RANGE = (0.6, 1.7)  # width / height
-OBJECT_RANGE = (0.3, 0.8)  # object size / shorter image side
+OBJECT_RANGE = (0.4, 0.85)  # object size / shorter image side
+CLUTTER_CONTRAST = 50  # clutter colours differ from the background by at most this per channel
 MAX_ROTATION = 20  # degrees: more would turn a square into a diamond, an arrow into a chevron
 
 
@@ -54,7 +56,7 @@ OUTLINES = {
 }
 
 
-def _colour(rng, avoid=None, min_distance=120):
+def _colour(rng, avoid=None, min_distance=160):
     """A random RGB colour, at least `min_distance` away from `avoid` (so the object stands out)."""
     while True:
         colour = rng.integers(0, 256, size=3)
@@ -62,21 +64,27 @@ def _colour(rng, avoid=None, min_distance=120):
             return tuple(int(c) for c in colour)
 
 
+def _clutter_colour(rng, base):
+    """A colour near the background's: clutter textures the scene without competing with the object."""
+    return tuple(int(c) for c in np.clip(base + rng.integers(-CLUTTER_CONTRAST, CLUTTER_CONTRAST + 1, size=3), 0, 255))
+
+
 def _background(rng, width, height):
     """Noise around a random base colour, with random lines and small polygons as clutter."""
     base = rng.integers(0, 256, size=3)
-    noise = rng.normal(0, 25, size=(height, width, 3))
+    noise = rng.normal(0, 15, size=(height, width, 3))
     image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     short = min(width, height)
     for _ in range(int(rng.integers(4, 10))):
         points = [tuple(int(v) for v in rng.integers(0, [width, height])) for _ in range(2)]
-        draw.line(points, fill=_colour(rng), width=int(rng.integers(1, 4)))
+        draw.line(points, fill=_clutter_colour(rng, base), width=int(rng.integers(1, 4)))
     for _ in range(int(rng.integers(3, 8))):  # small irregular blobs, well below the objects' size
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        radius = rng.uniform(0.03, 0.1) * short
+        radius = rng.uniform(0.05, 0.15) * short
         angles = np.sort(rng.uniform(0, 2 * math.pi, size=int(rng.integers(3, 7))))
-        draw.polygon([(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles], fill=_colour(rng))
+        draw.polygon([(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles],
+                     fill=_clutter_colour(rng, base))
     return image, base
 
 
@@ -107,7 +115,7 @@ def draw_example(rng, label):
     return image, box
 
 
-def make_demo_data(out_dir, train_per_class=100, val_per_class=20, seed=0, classes=CLASSES):
+def make_demo_data(out_dir, train_per_class=300, val_per_class=30, seed=0, classes=CLASSES):
     """Write the demo data set under `out_dir` (see the module docstring); returns the annotation dict."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose an empty or new directory")
