@@ -10,7 +10,7 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     b_c = a_c / (k + alpha / size * sum_{c' within size/2 of c} a_c'^2) ** beta
 
-    `alpha` is Caffe's: divided by the window size. (tf.nn.local_response_normalization takes the
+    `alpha` is Caffe's: divided by the window size. (TensorFlow's local_response_normalization takes the
     per-element alpha, i.e. alpha / size, and depth_radius = size // 2.)
     """
 
