@@ -8,6 +8,7 @@
     RUN/last.keras         the model after the last completed epoch
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,12 +30,19 @@ class Run:
     config: dict
 
 
-def write_json_atomic(path, data):
-    """Write JSON to `path` through a temporary file and a rename: never a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` ('.tmp-' + its name, so the suffix Keras checks stays) to write to,
+    renamed over `path` when the block succeeds: a kill mid-write never leaves a half-written `path`."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".tmp-{name}")
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, data):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def load_run(path, which="best"):

@@ -25,7 +25,7 @@ from .configs import check_config
 from .data.stats import IMAGENET_STATS, ColorStats
 from .distribute import distribution_strategy, fix_keras_for_multi_worker, is_chief
 from .model import build_vgg, initialize_from
-from .runs import load_run, write_json_atomic
+from .runs import atomic_path, load_run, write_json_atomic
 
 
 @dataclasses.dataclass
@@ -155,17 +155,15 @@ class RunDirectory:
     def save_model(self, model, name):
         """`model.save` to a temporary `.keras` file, then rename over `name`."""
         if self.is_chief:
-            tmp = self.file(f".tmp-{name}")
-            model.save(tmp)
-            os.replace(tmp, self.file(name))
+            with atomic_path(self.file(name)) as tmp:
+                model.save(tmp)
 
     def save_epoch(self, model, epoch, state):
         """Checkpoint after `epoch` (0-based): weights + optimizer first, then the state that points to it."""
         name = f"epoch_{epoch + 1:04d}.weights.h5"
         if self.is_chief:
-            tmp = os.path.join(self.checkpoints, f".tmp-{name}")
-            model.save_weights(tmp)
-            os.replace(tmp, os.path.join(self.checkpoints, name))
+            with atomic_path(os.path.join(self.checkpoints, name)) as tmp:
+                model.save_weights(tmp)
             write_json_atomic(self.file("state.json"), {**state, "checkpoint": name})
             self._write_csv(state["history"])
             for old in sorted(f for f in os.listdir(self.checkpoints) if f.startswith("epoch_"))[
@@ -178,13 +176,11 @@ class RunDirectory:
 
     def _write_csv(self, history):
         """log.csv is rewritten from the checkpointed history: each completed epoch exactly once."""
-        tmp = self.file(".tmp-log.csv")
         columns = list(history[0]) if history else ["epoch"]
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.file("log.csv")) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(history)
-        os.replace(tmp, self.file("log.csv"))
 
     def finish(self, state):
         if self.is_chief:
