@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import vgg_keras
+from vgg_keras.layers import MatmulConv2D
 from vgg_keras.model import PRE_INIT_LAYERS
 
 PAPER_PARAMETER_COUNTS = {
@@ -118,6 +119,26 @@ def test_fully_convolutional_shares_weights():
     assert dense.get_layer("fc1").kernel.shape == (1, 1, 512, 4096)  # at 32 px block5_pool is 1x1
     with pytest.raises(ValueError, match="include_top=True"):
         vgg_keras.fully_convolutional(vgg_keras.build_vgg("A", include_top=False, input_shape=(32, 32, 3)))
+
+
+@pytest.mark.parametrize("kernel_size, spatial", [((3, 2), (6, 5)), (1, (4, 7)), ((7, 7), (7, 7))])
+def test_matmul_conv2d_equals_conv2d(kernel_size, spatial, rng):
+    x = rng.normal(0, 1, size=(2, *spatial, 5)).astype("float32")
+    conv = keras.layers.Conv2D(4, kernel_size, activation="relu")
+    matmul_conv = MatmulConv2D(4, kernel_size, activation="relu")
+    expected = conv(x)
+    matmul_conv.build(x.shape)
+    matmul_conv.set_weights(conv.get_weights())
+    assert matmul_conv.kernel.shape == conv.kernel.shape
+    np.testing.assert_allclose(matmul_conv(x), expected, atol=1e-5, rtol=0)
+    assert float(keras.ops.max(expected)) > 0  # not all clipped by the relu
+
+
+def test_matmul_conv2d_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="padding='same' is not supported"):
+        MatmulConv2D(4, 3, padding="same", name="fc1")
+    with pytest.raises(ValueError, match=r"strides=\(2, 2\)"):
+        MatmulConv2D(4, 3, strides=2)
 
 
 def test_lrn_matches_tensorflow(rng):
