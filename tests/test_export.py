@@ -138,10 +138,13 @@ def test_png_gif_and_bmp_are_decoded(loaded, rng, fmt):
     np.testing.assert_allclose(from_bytes.numpy(), from_pixels.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [b"plain text, not an image", b""])
-def test_bytes_that_are_no_image_fail_by_name_and_the_model_still_answers(loaded, jpeg, bad):
+@pytest.mark.parametrize("bad, why", [(b"plain text, not an image", "not a JPEG, PNG, GIF, BMP or WebP image"),
+                                      (b"", "empty or unreadable file"),
+                                      ("truncated", r"truncated JPEG \(no end-of-image marker\)")])
+def test_bytes_that_are_no_image_fail_by_name_and_the_model_still_answers(loaded, jpeg, bad, why):
+    bad = jpeg[:len(jpeg) // 2] if bad == "truncated" else bad
     classify = loaded.signatures[BYTES_SIGNATURE]
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[1\] is not a JPEG, PNG, GIF or BMP"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[1\]: " + why):
         classify(image_bytes=tf.constant([jpeg, bad]))
     outputs = classify(image_bytes=tf.constant([jpeg]))
     assert outputs["probabilities"].shape == (1, 3)
@@ -270,7 +273,7 @@ def test_predict_command_answers_good_images_and_names_bad_ones(exported, loaded
     expected = loaded.signatures[BYTES_SIGNATURE](image_bytes=tf.constant([pathlib.Path(good[0]).read_bytes()]))
     label, score = expected["labels"].numpy()[0, 0].decode(), expected["scores"].numpy()[0, 0]
     assert lines[1].split() == ["1.", f"{score:.4f}", str(expected["classes"].numpy()[0, 0]), label]
-    assert f"{bad}: not a JPEG, PNG, GIF or BMP image" in result.stderr
+    assert f"{bad}: not a JPEG, PNG, GIF, BMP or WebP image" in result.stderr
     assert f"{missing}: No such file or directory" in result.stderr
 
 

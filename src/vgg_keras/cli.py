@@ -185,7 +185,7 @@ def build_parser():
     p.add_argument("--saved-model", required=True, help="saved_models/NAME (or one of its version folders)")
     p.add_argument("--version", type=int, help="version to load (default: the highest)")
     p.add_argument("--top-k", type=int, help="classes printed per image (default: all the model returns)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF, BMP or WebP files")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="top-1 / top-5 error by centre crop, dense or multi-crop evaluation at "

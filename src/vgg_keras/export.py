@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .data.decode import OK, REASONS, bad_file_reason
 from .data.images import decode_rgb, rescale, subtract_mean
 from .evaluate import test_scales
 from .model import fully_convolutional
@@ -39,10 +40,6 @@ BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "predict_images"
 DEFAULT_TOP_K = 5
 OUTPUTS = ("probabilities", "classes", "scores", "labels")  # none ends in _bytes: REST would base64 it
-
-# The leading bytes tf.io.decode_image recognises; anything else is refused before decoding.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-NOT_AN_IMAGE = "image_bytes[{}] is not a JPEG, PNG, GIF or BMP image"
 
 _VERSION = re.compile(r"[0-9]+")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in a path and in /v1/models/NAME
@@ -67,10 +64,12 @@ def dense_posteriors(dense_model, image, scales, mean_rgb):
 
 
 def checked_decode(image_bytes, index):
-    """decode_rgb, after an assertion that names the request's element when the bytes are no image."""
-    prefixes = [tf.strings.substr(image_bytes, 0, len(magic)) == magic for magic in IMAGE_MAGIC]
-    is_image = tf.reduce_any(tf.stack(prefixes))
-    check = tf.debugging.Assert(is_image, [tf.strings.format(NOT_AN_IMAGE, index)])
+    """decode_rgb, after the data pipeline's check of the bytes: a bad element fails the request with a message
+    that names it and says why (not an image, empty, truncated)."""
+    reason = bad_file_reason(image_bytes)
+    why = tf.gather(tf.constant([REASONS.get(code, "") for code in range(max(REASONS) + 1)]), reason)
+    message = tf.strings.join(["image_bytes[", tf.strings.as_string(index), "]: ", why])
+    check = tf.debugging.Assert(tf.equal(reason, OK), [message])
     with tf.control_dependencies([check]):  # decode only after the check: its error is the clear one
         return decode_rgb(image_bytes)
 

@@ -33,7 +33,7 @@ def error_message(err):
         return err.strerror or str(err)
     assertion = re.search(r"assertion failed: \[(.*)\]", err.message)  # greedy: the message has [i]
     if assertion:
-        return assertion.group(1).replace("image_bytes[0] is ", "")  # one image per request: no index
+        return assertion.group(1).replace("image_bytes[0]: ", "")  # one image per request: no index
     lines = [line.strip() for line in err.message.splitlines()]
     useful = [line for line in lines if line and not line.startswith(("[[", "Graph execution error", "Detected at"))]
     return useful[0] if useful else err.message

@@ -307,9 +307,7 @@ def check_arguments(cfg, replicas):
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
     if cfg.init_from and cfg.finetune_from:
         raise ValueError("--init-from and --finetune-from exclude each other")
-    vdata.parse_scale(f"{cfg.scale[0]}:{cfg.scale[1]}")  # validates Smin <= Smax
-    if cfg.crop > cfg.scale[0]:
-        raise ValueError(f"--crop {cfg.crop} is larger than the smallest training scale Smin={cfg.scale[0]}")
+    vdata.check_crop(tuple(cfg.scale), cfg.crop)  # Smin <= Smax, and the crop fits inside Smin
 
 
 def epoch_of(dataset, num_examples, batch_size):
