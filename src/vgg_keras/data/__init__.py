@@ -7,5 +7,5 @@ from .sources import load_source
 from .stats import IMAGENET_STATS, ColorStats, compute_stats
 from .tfrecords import prepare
 
-__all__ = ["IMAGENET_STATS", "SKIPPED", "ColorStats", "check_crop", "check_data", "compute_stats", "decode_record",
-           "decode_records", "load_source", "parse_scale", "prepare", "train_dataset", "val_dataset"]
+__all__ = ["IMAGENET_STATS", "SKIPPED", "ColorStats", "check_crop", "check_data", "compute_stats",
+           "decode_record", "decode_records", "load_source", "parse_scale", "prepare", "train_dataset", "val_dataset"]
