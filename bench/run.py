@@ -11,6 +11,8 @@ import pathlib
 import sys
 import time
 
+import vgg_keras  # noqa: F401  (first: it chooses TensorFlow's oneDNN kernels before a benchmark imports TF)
+
 HERE = pathlib.Path(__file__).resolve().parent
 FIELDS = ("name", "ours", "reference", "ratio", "unit", "higher_is_better", "notes")
 

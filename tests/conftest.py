@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import vgg_keras  # noqa: E402,F401  (before any test module imports TensorFlow: it chooses oneDNN)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
 
