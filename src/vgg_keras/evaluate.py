@@ -172,11 +172,25 @@ def center_scores(scorer, image, scales, flip=True):
     return _mean_posteriors(scorer.crop_posteriors, _with_mirrors(crops, flip), len(scales) * 2)
 
 
+def dense_maps(net_fn, image, q, mean_rgb, crop, flip=True):
+    """Dense application (PAPER.md section 3.2) of a fully-convolutional net to one image: the one path every dense
+    use goes through (classification, export, localisation boxes, transfer features).
+
+    image: float32 [h, w, 3], RGB 0-255, any size; it is rescaled isotropically so that its smaller side is
+    max(q, crop) pixels and mean-subtracted (`mean_rgb`, 3 floats, 0-255), then run through `net_fn` (a callable on
+    float32 [n, H, W, 3], e.g. `fully_convolutional(model)` or a tf.function of it) together with its horizontal
+    mirror, in one unpadded call. Returns net_fn's output maps [2, h', w', d] ([1, ...] without flip; the mirror's
+    map is left mirrored).
+    """
+    x = subtract_mean(rescale(image, max(int(q), int(crop))), mean_rgb)[None]
+    return net_fn(_with_mirrors(x, flip))
+
+
 def dense_scores(scorer, image, scales, flip=True):
     """Dense evaluation: posteriors [classes] of the whole image at each scale (the image and its mirror in one
     call, unpadded), averaged over mirrors and scales."""
-    per_scale = [_mean_posteriors(scorer.dense_posteriors, _with_mirrors(scorer.prepare(image, q)[None], flip), 2)
-                 for q in scales]
+    per_scale = [tf.reduce_mean(dense_maps(scorer.dense_posteriors, image, q, scorer.mean_rgb, scorer.crop, flip),
+                                axis=0).numpy() for q in scales]
     return np.mean(per_scale, axis=0)
 
 
