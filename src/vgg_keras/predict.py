@@ -1,8 +1,8 @@
 """`vgg-keras predict`: classify image files with an exported SavedModel, through the signature TF Serving
 serves (`serving_default`, encoded image bytes in), loaded with tf.saved_model.load.
 
-The BMP variants the serving graph cannot decode (1/2/4/16-bit, RLE, BI_BITFIELDS; see data/decode.py) are
-re-encoded as PNG by Pillow here, before the request, as a client of TF Serving would."""
+The BMP variants and animated WebPs the serving graph cannot decode (1/2/4/16-bit, RLE, BI_BITFIELDS; see
+data/decode.py) are re-encoded as PNG by Pillow here, before the request, as a client of TF Serving would."""
 
 import os
 import re
@@ -10,7 +10,7 @@ import sys
 
 import tensorflow as tf
 
-from .data.decode import BMP_VARIANT, bad_file_reason, error_line, transcode
+from .data.decode import PILLOW_ONLY, bad_file_reason, error_line, transcode
 from .export import BYTES_SIGNATURE, versions
 
 
@@ -46,7 +46,7 @@ def classify_file(signature, path):
     """The signature's outputs for one image file, batch dimension removed."""
     with open(path, "rb") as f:
         image_bytes = f.read()
-    if image_bytes.startswith(b"BM") and int(bad_file_reason(tf.constant(image_bytes))) == BMP_VARIANT:
+    if int(bad_file_reason(tf.constant(image_bytes))) == PILLOW_ONLY:
         image_bytes = transcode(image_bytes)
     outputs = signature(image_bytes=tf.constant([image_bytes]))
     return {key: value.numpy()[0] for key, value in outputs.items()}

@@ -20,9 +20,9 @@ What a file shows is what an image viewer shows:
   rotates/flips. A JPEG followed by other data (a motion photo's MP4) is accepted: its end marker is searched for
   in the whole file when it is not among the last TAIL_BYTES.
 - BMP: 8-bit palette BMPs are mapped through their palette in the graph (TensorFlow gives the indices). The variants
-  TensorFlow cannot decode (1-, 2-, 4- and 16-bit, RLE and BI_BITFIELDS compression, OS/2 headers: BMP_VARIANT) are
-  re-encoded as PNG by Pillow (`transcode`) in a tf.py_function: in `robust` (per image, where stateful ops are
-  already there), once per batch in `checked_batches` (the per-image map stays stateless), and in `vgg-keras
+  TensorFlow cannot decode (1-, 2-, 4- and 16-bit, RLE and BI_BITFIELDS compression, OS/2 headers) and animated
+  WebP (which TensorFlow refuses, or crashes on: PILLOW_ONLY) are re-encoded as PNG (first frame) by Pillow
+  (`transcode`) in a tf.py_function: in `robust` (per image, where stateful ops are already there), once per batch in `checked_batches` (the per-image map stays stateless), and in `vgg-keras
   predict` before the request. A serving graph cannot hold a py_function: `export.checked_decode` refuses these
   variants with a message that says so.
 - PNG (8- and 16-bit, palette, grey, alpha), GIF (first frame), WebP and BMP: alpha is dropped (the stored colours
@@ -43,22 +43,22 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from .images import bmp_colours, decode_rgb, displayed_shape, is_bmp, is_jpeg, jpeg_exif_end, jpeg_orientation, orient, u16le, u32le, undo_orientation
+from .images import bmp_colours, is_animated_webp, decode_pixels, decode_rgb, displayed_shape, is_bmp, is_jpeg, jpeg_exif_end, jpeg_orientation, orient, u16le, u32le, undo_orientation
 
 log = logging.getLogger("vgg_keras.data")
 
 # Reason codes of `bad_file_reason`; DECODE_FAILED is what a guard reports when TensorFlow raised anyway.
-# BMP_VARIANT is not a fault: such a file is decoded by Pillow where a py_function may run (see the module doc).
-OK, EMPTY, UNSUPPORTED_FORMAT, TRUNCATED_JPEG, TRUNCATED_PNG, DECODE_FAILED, BMP_VARIANT, BAD_BMP, DROPPED = range(9)
+# PILLOW_ONLY is not a fault: such a file is decoded by Pillow where a py_function may run (see the module doc).
+OK, EMPTY, UNSUPPORTED_FORMAT, TRUNCATED_JPEG, TRUNCATED_PNG, DECODE_FAILED, PILLOW_ONLY, PILLOW_FAILED, DROPPED = range(9)
 REASONS = {
     EMPTY: "empty or unreadable file",
     UNSUPPORTED_FORMAT: "not a JPEG, PNG, GIF, BMP or WebP image",
     TRUNCATED_JPEG: "truncated JPEG (no end-of-image marker)",
     TRUNCATED_PNG: "truncated PNG (no IEND chunk)",
     DECODE_FAILED: "TensorFlow could not decode it",
-    BMP_VARIANT: "a BMP variant TensorFlow cannot decode (1/2/4/16-bit, RLE or BI_BITFIELDS): convert it to PNG "
-                 "or 24-bit BMP (vgg-keras predict does)",
-    BAD_BMP: "a BMP that neither TensorFlow nor Pillow can decode",
+    PILLOW_ONLY: "a BMP variant (1/2/4/16-bit, RLE or BI_BITFIELDS) or an animated WebP, which TensorFlow cannot "
+                 "decode: convert it to PNG (vgg-keras predict does)",
+    PILLOW_FAILED: "neither TensorFlow nor Pillow can decode it (a damaged BMP or animated WebP)",
     DROPPED: "could not be read or decoded (dropped by the training pipeline)",
 }
 
@@ -164,13 +164,14 @@ def bad_file_reason(data):
     reason = tf.where(_ends_with(data, length, tf.gather(_END_MARKERS, kind)), OK, tf.gather(_TRUNCATED, kind))
     reason = tf.where(tf.reduce_any(matches), reason, UNSUPPORTED_FORMAT)
     reason = tf.cond(tf.equal(reason, OK) & is_bmp(data),
-                     lambda: tf.where(bmp_variant(data), BMP_VARIANT, OK), lambda: reason)
+                     lambda: tf.where(bmp_variant(data), PILLOW_ONLY, OK), lambda: reason)
+    reason = tf.where(tf.equal(reason, OK) & is_animated_webp(data), PILLOW_ONLY, reason)
     return tf.where(tf.equal(length, 0), EMPTY, reason)
 
 
 def transcode(data):
     """Python: image bytes re-encoded as PNG (RGB) by Pillow, first frame; unchanged when Pillow cannot decode them.
-    For the BMP variants TensorFlow cannot decode (BMP_VARIANT)."""
+    For the files TensorFlow cannot decode (PILLOW_ONLY)."""
     from PIL import Image
 
     try:
@@ -179,17 +180,17 @@ def transcode(data):
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, "PNG", compress_level=1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return data  # unchanged: still a BMP_VARIANT, which the caller reports as BAD_BMP
+        return data  # unchanged: still PILLOW_ONLY, which the caller reports as PILLOW_FAILED
     return buffer.getvalue()
 
 
 def transcoded(data):
-    """In a graph: `data` re-encoded as PNG by `transcode` (py_function, stateful) where it is a BMP_VARIANT."""
+    """In a graph: `data` re-encoded as PNG by `transcode` (py_function, stateful) where it is a PILLOW_ONLY."""
     def pillow():
         png = tf.py_function(lambda d: transcode(d.numpy()), [data], Tout=tf.string)
         png.set_shape([])
         return png
-    return tf.cond(tf.equal(bad_file_reason(data), BMP_VARIANT), pillow, lambda: data)
+    return tf.cond(tf.equal(bad_file_reason(data), PILLOW_ONLY), pillow, lambda: data)
 
 
 def guarded(fn, fallback):
@@ -247,7 +248,7 @@ def robust(fn, fallback):
     def apply(record, *extra):
         data = transcoded(record["image"])
         reason = bad_file_reason(data)
-        reason = tf.where(tf.equal(reason, BMP_VARIANT), BAD_BMP, reason)  # Pillow could not decode it either
+        reason = tf.where(tf.equal(reason, PILLOW_ONLY), PILLOW_FAILED, reason)  # Pillow could not decode it either
         value, ok = tf.cond(tf.equal(reason, OK), lambda: attempt(data, *extra), lambda: (fallback, tf.constant(False)))
         reason = tf.where(tf.equal(reason, OK), DECODE_FAILED, reason)
         ok = tf.cond(ok, lambda: tf.constant(True),
@@ -308,7 +309,7 @@ def checked_batches(elements, fn, fallback, batch_size, expected_ids=None, expec
     fn(record["image"], *extra) over the records that pass `bad_file_reason`, fn unguarded (see the module doc).
 
     The per-image map holds no stateful op. Per batch: the files the check rejects are reported and dropped (a batch
-    with one is that much smaller), BMP_VARIANT files are re-encoded by Pillow and transformed, and the ids are noted;
+    with one is that much smaller), PILLOW_ONLY files are re-encoded by Pillow and transformed, and the ids are noted;
     at the end of each pass the ids in `expected_ids` (bytes, the source's `file_ids`) that never came out are
     reported to SKIPPED (or, with `expected_count` only, counted in a warning).
     """
@@ -318,23 +319,23 @@ def checked_batches(elements, fn, fallback, batch_size, expected_ids=None, expec
         data = record["image"]
         reason = bad_file_reason(data)
         value = tf.cond(tf.equal(reason, OK), lambda: fn(data, *extra), lambda: fallback)
-        pending = tf.where(tf.equal(reason, BMP_VARIANT), data, "")  # only these bytes travel on
+        pending = tf.where(tf.equal(reason, PILLOW_ONLY), data, "")  # only these bytes travel on
         return value, record["label"], reason, record["id"], pending, extra
 
     def with_pillow(values, reasons, pending, extra):
-        """The BMP_VARIANT elements of a batch re-encoded as PNG (py_function) and transformed."""
-        where = tf.where(tf.equal(reasons, BMP_VARIANT))
+        """The PILLOW_ONLY elements of a batch re-encoded as PNG (py_function) and transformed."""
+        where = tf.where(tf.equal(reasons, PILLOW_ONLY))
         pngs = tf.map_fn(transcoded, tf.gather_nd(pending, where))
-        ok = tf.not_equal(tf.map_fn(bad_file_reason, pngs, fn_output_signature=tf.int32), BMP_VARIANT)
+        ok = tf.not_equal(tf.map_fn(bad_file_reason, pngs, fn_output_signature=tf.int32), PILLOW_ONLY)
         new_values = tf.map_fn(lambda args: tf.cond(args[1], lambda: fn(args[0], *args[2]), lambda: fallback),
                                (pngs, ok, tuple(tf.gather_nd(e, where) for e in extra)),
                                fn_output_signature=tf.TensorSpec(fallback.shape, fallback.dtype))
         return (tf.tensor_scatter_nd_update(values, where, new_values),
-                tf.tensor_scatter_nd_update(reasons, where, tf.where(ok, OK, BAD_BMP)))
+                tf.tensor_scatter_nd_update(reasons, where, tf.where(ok, OK, PILLOW_FAILED)))
 
     def finish_batch(values, labels, reasons, ids, pending, extra):
         seen = tf.py_function(tracker.see, [ids], Tout=tf.bool)
-        values, reasons = tf.cond(tf.reduce_any(tf.equal(reasons, BMP_VARIANT)),
+        values, reasons = tf.cond(tf.reduce_any(tf.equal(reasons, PILLOW_ONLY)),
                                   lambda: with_pillow(values, reasons, pending, extra), lambda: (values, reasons))
         bad = tf.not_equal(reasons, OK)
 
@@ -387,7 +388,7 @@ def decode_window(data, window_fn, size):
         return orient(_decode_jpeg_window(data, shape, window, size), orientation)
 
     def other():
-        image = bmp_colours(data, tf.io.decode_image(data, channels=3, expand_animations=False))
+        image = bmp_colours(data, decode_pixels(data))
         window = window_fn(tf.shape(image)[:2])
         return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0))
 

@@ -19,7 +19,7 @@ _IFD_ENTRIES = 32  # IFD0 entries read (sorted by tag: Orientation, 0x0112, come
 def _bytes_at(data, offset, count):
     """uint8 [count] of data[offset:offset + count], zero-padded past the end."""
     piece = tf.strings.join([tf.strings.substr(data, offset, count), b"\0" * count])
-    return tf.io.decode_raw(piece, tf.uint8)[:count]
+    return tf.reshape(tf.io.decode_raw(piece, tf.uint8)[:count], [count])  # a static shape
 
 
 def u16le(data, offset):
@@ -120,11 +120,29 @@ def bmp_colours(data, image):
     return tf.cond(palette_bmp, through_palette, lambda: image)
 
 
+def is_webp(data):
+    return tf.equal(tf.strings.substr(data, 8, 4), b"WEBP") & tf.equal(tf.strings.substr(data, 0, 4), b"RIFF")
+
+
+def decode_pixels(image_bytes):
+    """uint8 [h, w, 3] of any format TensorFlow decodes, first frame, as stored (no orientation, no palette)."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def is_animated_webp(data):
+    """An extended WebP (VP8X) with its animation flag: TensorFlow refuses it with 3 channels and crashes the
+    process (malloc) with channels=0, so it is only ever decoded by Pillow (data/decode.py)."""
+    flags = tf.cast(_bytes_at(data, 20, 1)[0], tf.int32)
+    return is_webp(data) & tf.equal(tf.strings.substr(data, 12, 4), b"VP8X") & tf.equal(flags % 4 // 2, 1)
+
+
 def decode_rgb(image_bytes):
     """Decode JPEG / PNG / GIF (first frame) / BMP / WebP bytes to float32 RGB [h, w, 3] 0-255, grayscale and RGBA
     included, as a viewer shows it: JPEG EXIF orientation applied, 8-bit BMPs through their palette. Raises
     tf.errors.InvalidArgumentError on bytes TensorFlow cannot decode (check them with decode.bad_file_reason)."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = decode_pixels(image_bytes)
     image = tf.cond(is_jpeg(image_bytes), lambda: orient(image, jpeg_orientation(image_bytes)),
                     lambda: bmp_colours(image_bytes, image))
     image.set_shape([None, None, 3])
