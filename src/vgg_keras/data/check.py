@@ -7,7 +7,7 @@ import dataclasses
 import tensorflow as tf
 import tqdm
 
-from .decode import DROPPED, SKIPPED, describe, display_id, robust_map
+from .decode import DROPPED, SKIPPED, describe, display_id, read_file, robust_map
 from .pipeline import check_crop, element_seeds, stateless_seed, train_transform
 from .sources import SPLITS
 from .stats import IMAGENET_STATS
@@ -101,7 +101,7 @@ def _check_split(source, split, scale, crop, stats, seed):
     listed = source.file_ids(split) if hasattr(source, "file_ids") else None
     for file_id in listed or ():  # dropped before they could be checked (a file that vanished)
         if file_id not in seen:
-            report[display_id(file_id)] = describe(DROPPED, b"")
+            report[display_id(file_id)] = describe(DROPPED, read_file(file_id))
     damaged = source.damaged_shards(split) if hasattr(source, "damaged_shards") else {}
     return SplitReport(split, counts, report, damaged)
 

@@ -43,7 +43,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from .images import bmp_colours, is_animated_webp, decode_pixels, decode_rgb, displayed_shape, is_bmp, is_jpeg, jpeg_exif_end, jpeg_orientation, orient, u16le, u32le, undo_orientation
+from .images import bmp_colours, decode_pixels, decode_rgb, displayed_shape, is_jpeg, jpeg_exif_end, jpeg_orientation, orient, undo_orientation
 
 log = logging.getLogger("vgg_keras.data")
 
@@ -112,12 +112,14 @@ _FORMATS = [
     ([(0, b"BM")], b"", OK),
     ([(0, b"RIFF"), (8, b"WEBP")], b"", OK),
 ]
-_HEAD = 12
+_MAGIC = 12  # bytes of magic numbers
+_HEAD = 36  # bytes read by `bad_file_reason`: the magic numbers, a BMP's header fields, a WebP's VP8X flags
+_BMP, _WEBP = 4, 5  # rows of _FORMATS
 
 
 def _magic_table():
     """Expected head bytes and which of them count, one row per format (numpy constants)."""
-    expected, counts = np.zeros((len(_FORMATS), _HEAD), np.uint8), np.zeros((len(_FORMATS), _HEAD), bool)
+    expected, counts = np.zeros((len(_FORMATS), _MAGIC), np.uint8), np.zeros((len(_FORMATS), _MAGIC), bool)
     for row, (pieces, _, _) in enumerate(_FORMATS):
         for offset, magic in pieces:
             expected[row, offset:offset + len(magic)] = list(magic)
@@ -147,25 +149,33 @@ def _ends_with(data, length, marker):
     return tf.cond(tf.equal(ending, marker), lambda: tf.constant(True), in_tail)
 
 
-def bmp_variant(data):
-    """Whether BMP bytes are a variant TensorFlow decodes wrongly or not at all: not 8/24/32-bit uncompressed with a
-    Windows (>= 40-byte) header."""
-    header, bpp, compression = u32le(data, 14), u16le(data, 28), u32le(data, 30)
-    plain = (header >= 40) & tf.equal(compression, 0) & (tf.equal(bpp, 8) | tf.equal(bpp, 24) | tf.equal(bpp, 32))
-    return tf.logical_not(plain)
+def _little_endian(head, offset, size):
+    """The unsigned little-endian integer (int64) of head[offset:offset + size] (uint8 vector)."""
+    return tf.reduce_sum(tf.cast(head[offset:offset + size], tf.int64) * (256 ** np.arange(size)))
+
+
+def _pillow_only(head, kind):
+    """Whether the file whose first _HEAD bytes are `head` and whose _FORMATS row is `kind` is a BMP variant that
+    TensorFlow decodes wrongly or not at all (not 8/24/32-bit uncompressed with a Windows header of >= 40 bytes), or
+    an animated WebP (VP8X with the animation flag). Arithmetic on the head only: it runs on every image."""
+    bpp = _little_endian(head, 28, 2)
+    plain_bmp = ((_little_endian(head, 14, 4) >= 40) & tf.equal(_little_endian(head, 30, 4), 0)
+                 & (tf.equal(bpp, 8) | tf.equal(bpp, 24) | tf.equal(bpp, 32)))
+    animated = tf.reduce_all(tf.equal(head[12:16], list(b"VP8X"))) & tf.equal(head[20] // 2 % 2, 1)
+    return (tf.equal(kind, _BMP) & ~plain_bmp) | (tf.equal(kind, _WEBP) & animated)
 
 
 def bad_file_reason(data):
-    """OK (0) when the bytes look decodable, else the reason code (int32 scalar). Few ops: it runs on every image."""
+    """OK (0) when the bytes look decodable (PILLOW_ONLY: by Pillow only), else the reason code (int32 scalar). Few
+    ops: it runs on every image."""
     head = tf.io.decode_raw(tf.strings.join([tf.strings.substr(data, 0, _HEAD), b"\0" * _HEAD]), tf.uint8)[:_HEAD]
-    matches = tf.reduce_all(tf.equal(head, _EXPECTED) | ~_COUNTS, axis=1)  # one per format of _FORMATS
+    head = tf.reshape(head, [_HEAD])
+    matches = tf.reduce_all(tf.equal(head[:_MAGIC], _EXPECTED) | ~_COUNTS, axis=1)  # one per format of _FORMATS
     kind = tf.argmax(matches, output_type=tf.int32)
     length = tf.strings.length(data)
     reason = tf.where(_ends_with(data, length, tf.gather(_END_MARKERS, kind)), OK, tf.gather(_TRUNCATED, kind))
     reason = tf.where(tf.reduce_any(matches), reason, UNSUPPORTED_FORMAT)
-    reason = tf.cond(tf.equal(reason, OK) & is_bmp(data),
-                     lambda: tf.where(bmp_variant(data), PILLOW_ONLY, OK), lambda: reason)
-    reason = tf.where(tf.equal(reason, OK) & is_animated_webp(data), PILLOW_ONLY, reason)
+    reason = tf.where(tf.equal(reason, OK) & _pillow_only(head, kind), PILLOW_ONLY, reason)
     return tf.where(tf.equal(length, 0), EMPTY, reason)
 
 
@@ -288,7 +298,7 @@ class _PassTracker:
         if self.expected_ids is not None:
             for file_id in self.expected_ids:
                 if file_id not in seen:
-                    SKIPPED.add(display_id(file_id), describe(DROPPED, _read(file_id)))
+                    SKIPPED.add(display_id(file_id), describe(DROPPED, read_file(file_id)))
         elif self.expected_count and len(seen) < self.expected_count:
             log.warning("%d of %d records were not read in this pass (damaged TFRecord shards, or undecodable "
                         "images): run `vgg-keras check-data` to name them", self.expected_count - len(seen),
@@ -296,7 +306,8 @@ class _PassTracker:
         return True
 
 
-def _read(file_id):
+def read_file(file_id):
+    """The bytes of a file id that is a path (b"" when it cannot be read, or is not a path)."""
     try:
         with open(file_id, "rb") as f:
             return f.read()
@@ -384,8 +395,11 @@ def decode_window(data, window_fn, size):
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)[:2]
         orientation = jpeg_orientation(data)
-        window = undo_orientation(window_fn(displayed_shape(shape, orientation)), shape, orientation)
-        return orient(_decode_jpeg_window(data, shape, window, size), orientation)
+
+        def oriented():
+            window = undo_orientation(window_fn(displayed_shape(shape, orientation)), shape, orientation)
+            return orient(_decode_jpeg_window(data, shape, window, size), orientation)
+        return tf.cond(orientation > 1, oriented, lambda: _decode_jpeg_window(data, shape, window_fn(shape), size))
 
     def other():
         image = bmp_colours(data, decode_pixels(data))

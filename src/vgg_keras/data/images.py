@@ -12,13 +12,17 @@ import tensorflow as tf
 # EXIF Orientation (TIFF tag 0x0112) -> (transpose, reverse rows, reverse columns): displayed = flips(transpose(stored))
 _ORIENTATIONS = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 0],
                           [1, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]], bool)  # row 0: unused
-_EXIF_SEARCH = 65536  # an APP1 segment is at most 64 KiB: the Exif one starts within the first segments
 _IFD_ENTRIES = 32  # IFD0 entries read (sorted by tag: Orientation, 0x0112, comes early)
+
+
+def substr(data, offset, count):
+    """data[offset:offset + count] (a scalar string), b"" past the end (tf.strings.substr raises there)."""
+    return tf.strings.substr(data, tf.minimum(offset, tf.strings.length(data)), count)
 
 
 def _bytes_at(data, offset, count):
     """uint8 [count] of data[offset:offset + count], zero-padded past the end."""
-    piece = tf.strings.join([tf.strings.substr(data, offset, count), b"\0" * count])
+    piece = tf.strings.join([substr(data, offset, count), b"\0" * count])
     return tf.reshape(tf.io.decode_raw(piece, tf.uint8)[:count], [count])  # a static shape
 
 
@@ -41,13 +45,14 @@ def is_bmp(data):
 
 
 def _exif_offset(data):
-    """Offset (int32) of the "Exif\\0\\0" header of a JPEG's APP1 segment, or -1."""
-    head = tf.strings.substr(data, 0, _EXIF_SEARCH)
-    before = tf.strings.split(head, b"Exif\0\0", maxsplit=1)[0]
-    offset = tf.strings.length(before)
-    marker = tf.strings.substr(data, tf.maximum(offset - 4, 0), 2)
-    found = (offset < tf.strings.length(head)) & (offset >= 6) & tf.equal(marker, b"\xff\xe1")
-    return tf.where(found, offset, -1)
+    """Offset (int32) of the "Exif\\0\\0" header of a JPEG's APP1 segment, or -1: the first segment after SOI, or the
+    one after JFIF's APP0 (where cameras and phones write it). Few ops, no search, no branch: it runs on every crop."""
+    first = tf.cast(_bytes_at(data, 2, 4), tf.int32)  # marker, length of the first segment
+    second_at = 4 + 256 * first[2] + first[3]
+    in_first = tf.equal(first[1], 0xE1) & tf.equal(substr(data, 6, 6), b"Exif\0\0")
+    in_second = (tf.equal(first[1], 0xE0) & tf.equal(substr(data, second_at, 2), b"\xff\xe1")
+                 & tf.equal(substr(data, second_at + 4, 6), b"Exif\0\0"))
+    return tf.where(in_first, 6, tf.where(in_second, second_at + 4, -1))
 
 
 def jpeg_exif_end(data):
@@ -65,7 +70,7 @@ def jpeg_orientation(data):
 
     def parse():
         tiff = offset + 6
-        big_endian = tf.equal(tf.strings.substr(data, tiff, 2), b"MM")
+        big_endian = tf.equal(substr(data, tiff, 2), b"MM")
 
         def number(raw):  # uint8 [..., n] -> int32 in the file's byte order
             raw = tf.cast(raw, tf.int64)
@@ -85,11 +90,11 @@ def jpeg_orientation(data):
 
 
 def orient(image, orientation):
-    """The stored image [h, w, c] as displayed under EXIF `orientation` (1-8): transpose, then flips."""
+    """The stored image [h, w, c] as displayed under EXIF `orientation` (1-8): transpose, then flips. Two ops and no
+    branch (an identity transpose and an empty reverse pass the image through)."""
     transpose, rows, columns = tf.unstack(tf.gather(_ORIENTATIONS, orientation))
-    image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
-    image = tf.cond(rows, lambda: tf.reverse(image, [0]), lambda: image)
-    return tf.cond(columns, lambda: tf.reverse(image, [1]), lambda: image)
+    image = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
+    return tf.reverse(image, tf.boolean_mask([0, 1], tf.stack([rows, columns])))
 
 
 def displayed_shape(shape, orientation):
@@ -120,22 +125,11 @@ def bmp_colours(data, image):
     return tf.cond(palette_bmp, through_palette, lambda: image)
 
 
-def is_webp(data):
-    return tf.equal(tf.strings.substr(data, 8, 4), b"WEBP") & tf.equal(tf.strings.substr(data, 0, 4), b"RIFF")
-
-
 def decode_pixels(image_bytes):
     """uint8 [h, w, 3] of any format TensorFlow decodes, first frame, as stored (no orientation, no palette)."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
-
-
-def is_animated_webp(data):
-    """An extended WebP (VP8X) with its animation flag: TensorFlow refuses it with 3 channels and crashes the
-    process (malloc) with channels=0, so it is only ever decoded by Pillow (data/decode.py)."""
-    flags = tf.cast(_bytes_at(data, 20, 1)[0], tf.int32)
-    return is_webp(data) & tf.equal(tf.strings.substr(data, 12, 4), b"VP8X") & tf.equal(flags % 4 // 2, 1)
 
 
 def decode_rgb(image_bytes):
