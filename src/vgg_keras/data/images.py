@@ -93,8 +93,10 @@ def orient(image, orientation):
     """The stored image [h, w, c] as displayed under EXIF `orientation` (1-8): transpose, then flips. Two ops and no
     branch (an identity transpose and an empty reverse pass the image through)."""
     transpose, rows, columns = tf.unstack(tf.gather(_ORIENTATIONS, orientation))
-    image = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
-    return tf.reverse(image, tf.boolean_mask([0, 1], tf.stack([rows, columns])))
+    shown = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
+    shown = tf.reverse(shown, tf.boolean_mask([0, 1], tf.stack([rows, columns])))
+    shown.set_shape([None, None, image.shape[-1]])  # a dynamic permutation loses the rank
+    return shown
 
 
 def displayed_shape(shape, orientation):
