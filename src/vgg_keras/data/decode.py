@@ -15,7 +15,7 @@ cannot be caught inside a graph. Two defences:
   failed to decode, or vanished): the ids the source listed (`file_ids`) and the pass did not yield.
 
 What a file shows is what an image viewer shows:
-- JPEG: the EXIF Orientation (1-8, APP1 Exif IFD0) is applied in the graph (`jpeg_orientation`, a few string ops on
+- JPEG: the EXIF Orientation (1-8, APP1 Exif IFD0) is applied in the graph (`images.exif_offset` and `exif_orientation`, string ops on
   the first bytes); a windowed decode maps its window from the displayed image to the stored one, decodes, then
   rotates/flips. A JPEG followed by other data (a motion photo's MP4) is accepted: its end marker is searched for
   in the whole file when it is not among the last TAIL_BYTES.
@@ -43,7 +43,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from .images import bmp_colours, decode_pixels, decode_rgb, displayed_shape, is_jpeg, jpeg_exif_end, jpeg_orientation, orient, undo_orientation
+from .images import bmp_colours, decode_pixels, decode_rgb, displayed_shape, exif_offset, exif_orientation, is_jpeg, jpeg_exif_end, orient, undo_orientation
 
 log = logging.getLogger("vgg_keras.data")
 
@@ -392,21 +392,25 @@ def decode_window(data, window_fn, size):
     the stored one, decode just that window (at a reduced scale where it is large), then rotate/flip it; other
     formats: decode the whole image (8-bit BMPs through their palette), then slice.
     """
+    offset = exif_offset(data)  # >= 0: a JPEG with Exif (a few string ops; no branch of its own)
+
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)[:2]
-        orientation = jpeg_orientation(data)
+        return _decode_jpeg_window(data, shape, window_fn(shape), size)
 
-        def oriented():
-            window = undo_orientation(window_fn(displayed_shape(shape, orientation)), shape, orientation)
-            return orient(_decode_jpeg_window(data, shape, window, size), orientation)
-        return tf.cond(orientation > 1, oriented, lambda: _decode_jpeg_window(data, shape, window_fn(shape), size))
+    def oriented_jpeg():
+        shape = tf.image.extract_jpeg_shape(data)[:2]
+        orientation = exif_orientation(data, offset)
+        window = undo_orientation(window_fn(displayed_shape(shape, orientation)), shape, orientation)
+        return orient(_decode_jpeg_window(data, shape, window, size), orientation)
 
     def other():
         image = bmp_colours(data, decode_pixels(data))
         window = window_fn(tf.shape(image)[:2])
         return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0))
 
-    window = tf.cond(is_jpeg(data), jpeg, other)
+    kind = tf.where(is_jpeg(data), tf.where(offset >= 0, 2, 1), 0)
+    window = tf.switch_case(kind, [other, jpeg, oriented_jpeg])  # one branch op per crop, as before
     window.set_shape([None, None, 3])
     return window
 

@@ -44,7 +44,7 @@ def is_bmp(data):
     return tf.equal(tf.strings.substr(data, 0, 2), b"BM")
 
 
-def _exif_offset(data):
+def exif_offset(data):
     """Offset (int32) of the "Exif\\0\\0" header of a JPEG's APP1 segment, or -1: the first segment after SOI, or the
     one after JFIF's APP0 (where cameras and phones write it). Few ops, no search, no branch: it runs on every crop."""
     first = tf.cast(_bytes_at(data, 2, 4), tf.int32)  # marker, length of the first segment
@@ -57,7 +57,7 @@ def _exif_offset(data):
 
 def jpeg_exif_end(data):
     """Offset (int32) just past a JPEG's Exif APP1 segment (0 without one)."""
-    offset = _exif_offset(data)
+    offset = exif_offset(data)
     length = tf.cast(_bytes_at(data, tf.maximum(offset - 2, 0), 2), tf.int32)
     return tf.where(offset >= 0, offset - 2 + 256 * length[0] + length[1], 0)
 
@@ -66,27 +66,27 @@ def jpeg_orientation(data):
     """The EXIF Orientation (int32, 1-8) of JPEG bytes: IFD0 tag 0x0112 of the APP1 Exif segment (TIFF, either byte
     order); 1 without one or when it is out of range. String ops on the first bytes only, stateless: cheap enough
     for every training crop (JEITA CP-3451, section 4.6.4)."""
-    offset = _exif_offset(data)
+    offset = exif_offset(data)
+    return tf.cond(offset >= 0, lambda: exif_orientation(data, offset), lambda: tf.constant(1))
 
-    def parse():
-        tiff = offset + 6
-        big_endian = tf.equal(substr(data, tiff, 2), b"MM")
 
-        def number(raw):  # uint8 [..., n] -> int32 in the file's byte order
-            raw = tf.cast(raw, tf.int64)
-            raw = tf.where(big_endian, tf.reverse(raw, [-1]), raw)
-            weights = tf.constant([1, 256, 65536, 16777216], tf.int64)[:raw.shape[-1]]
-            return tf.cast(tf.reduce_sum(raw * weights, -1), tf.int32)
+def exif_orientation(data, offset):
+    """The Orientation (int32, 1-8; 1 when absent or out of range) of the Exif header at `offset` (exif_offset >= 0)."""
+    tiff = offset + 6
+    big_endian = tf.equal(substr(data, tiff, 2), b"MM")
 
-        ifd = tiff + number(_bytes_at(data, tiff + 4, 4))
-        count = number(_bytes_at(data, ifd, 2))
-        entries = tf.reshape(_bytes_at(data, ifd + 2, 12 * _IFD_ENTRIES), [_IFD_ENTRIES, 12])
-        is_orientation = tf.equal(number(entries[:, :2]), 0x0112) & (tf.range(_IFD_ENTRIES) < count)
-        values = number(entries[:, 8:10])
-        value = tf.reduce_max(tf.where(is_orientation, values, 0))
-        return tf.where((value >= 1) & (value <= 8), value, 1)
+    def number(raw):  # uint8 [..., n] -> int32 in the file's byte order
+        raw = tf.cast(raw, tf.int64)
+        raw = tf.where(big_endian, tf.reverse(raw, [-1]), raw)
+        weights = tf.constant([1, 256, 65536, 16777216], tf.int64)[:raw.shape[-1]]
+        return tf.cast(tf.reduce_sum(raw * weights, -1), tf.int32)
 
-    return tf.cond(offset >= 0, parse, lambda: tf.constant(1))
+    ifd = tiff + number(_bytes_at(data, tiff + 4, 4))
+    count = number(_bytes_at(data, ifd, 2))
+    entries = tf.reshape(_bytes_at(data, ifd + 2, 12 * _IFD_ENTRIES), [_IFD_ENTRIES, 12])
+    is_orientation = tf.equal(number(entries[:, :2]), 0x0112) & (tf.range(_IFD_ENTRIES) < count)
+    value = tf.reduce_max(tf.where(is_orientation, number(entries[:, 8:10]), 0))
+    return tf.where((value >= 1) & (value <= 8), value, 1)
 
 
 def orient(image, orientation):
