@@ -300,7 +300,8 @@ def test_damaged_tfrecord_shards_are_named_with_the_records_lost(tmp_path, caplo
     damaged = {entry["shard"]: entry for entry in json.loads(out.read_text())["splits"]["train"]["damaged_shards"]}
     assert set(damaged) == {str(flipped), str(truncated)}
     assert damaged[str(truncated)]["records_lost"] == 1 and 1 <= damaged[str(flipped)]["records_lost"] <= 4
-    assert "corrupted record" in damaged[str(flipped)]["error"].lower() or "crc" in damaged[str(flipped)]["error"].lower()
+    error = damaged[str(flipped)]["error"].lower()
+    assert "corrupted record" in error or "crc" in error, error
     assert f"damaged shard {truncated}: 1 of 4 records lost" in capsys.readouterr().out
 
 

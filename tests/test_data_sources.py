@@ -194,8 +194,9 @@ class _TinyBuilder(tfds.core.GeneratorBasedBuilder):
     SPLIT_SIZES = {}
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=tfds.features.FeaturesDict(
-            {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(names=["a", "b"])}))
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                               "label": tfds.features.ClassLabel(names=["a", "b"])})
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=features)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split, size) for split, size in self.SPLIT_SIZES.items()}

@@ -15,16 +15,17 @@ cannot be caught inside a graph. Two defences:
   failed to decode, or vanished): the ids the source listed (`file_ids`) and the pass did not yield.
 
 What a file shows is what an image viewer shows:
-- JPEG: the EXIF Orientation (1-8, APP1 Exif IFD0) is applied in the graph (`images.exif_offset` and `exif_orientation`, string ops on
-  the first bytes); a windowed decode maps its window from the displayed image to the stored one, decodes, then
-  rotates/flips. A JPEG followed by other data (a motion photo's MP4) is accepted: its end marker is searched for
-  in the whole file when it is not among the last TAIL_BYTES.
+- JPEG: the EXIF Orientation (1-8, APP1 Exif IFD0) is applied in the graph (`images.exif_offset` and
+  `exif_orientation`, string ops on the first bytes); a windowed decode maps its window from the displayed image to
+  the stored one, decodes, then rotates/flips. A JPEG followed by other data (a motion photo's MP4) is accepted: its
+  end marker is searched for in the whole file when it is not among the last TAIL_BYTES.
 - BMP: 8-bit palette BMPs are mapped through their palette in the graph (TensorFlow gives the indices). The variants
   TensorFlow cannot decode (1-, 2-, 4- and 16-bit, RLE and BI_BITFIELDS compression, OS/2 headers) and animated
   WebP (which TensorFlow refuses, or crashes on: PILLOW_ONLY) are re-encoded as PNG (first frame) by Pillow
-  (`transcode`) in a tf.py_function: in `robust` (per image, where stateful ops are already there), once per batch in `checked_batches` (the per-image map stays stateless), and in `vgg-keras
-  predict` before the request. A serving graph cannot hold a py_function: `export.checked_decode` refuses these
-  variants with a message that says so.
+  (`transcode`) in a tf.py_function: in `robust` (per image, where stateful ops are already there), once per batch
+  in `checked_batches` (the per-image map stays stateless), and in `vgg-keras predict` before the request. A
+  serving graph cannot hold a py_function: `export.checked_decode` refuses these variants with a message that says
+  so.
 - PNG (8- and 16-bit, palette, grey, alpha), GIF (first frame), WebP and BMP: alpha is dropped (the stored colours
   are used), grey becomes three equal channels.
 
@@ -43,13 +44,15 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from .images import bmp_colours, decode_pixels, decode_rgb, displayed_shape, exif_offset, exif_orientation, is_jpeg, jpeg_exif_end, orient, undo_orientation
+from .images import (bmp_colours, decode_pixels, decode_rgb, displayed_shape, exif_offset, exif_orientation, is_jpeg,
+                     jpeg_exif_end, orient, undo_orientation)
 
 log = logging.getLogger("vgg_keras.data")
 
 # Reason codes of `bad_file_reason`; DECODE_FAILED is what a guard reports when TensorFlow raised anyway.
 # PILLOW_ONLY is not a fault: such a file is decoded by Pillow where a py_function may run (see the module doc).
-OK, EMPTY, UNSUPPORTED_FORMAT, TRUNCATED_JPEG, TRUNCATED_PNG, DECODE_FAILED, PILLOW_ONLY, PILLOW_FAILED, DROPPED = range(9)
+(OK, EMPTY, UNSUPPORTED_FORMAT, TRUNCATED_JPEG, TRUNCATED_PNG, DECODE_FAILED, PILLOW_ONLY, PILLOW_FAILED,
+ DROPPED) = range(9)
 REASONS = {
     EMPTY: "empty or unreadable file",
     UNSUPPORTED_FORMAT: "not a JPEG, PNG, GIF, BMP or WebP image",

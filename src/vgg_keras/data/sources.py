@@ -300,7 +300,8 @@ class FolderSource:
 def read_label_file(path):
     """{image file name or stem: class name} from a validation label file: Kaggle's LOC_val_solution.csv
     (ImageId,PredictionString: "wnid x0 y0 x1 y1 wnid ...", the first wnid is the label), or a CSV of file,label
-    rows (a first row starting with ImageId, file, filename, image, name, path or id is a header). Raises ValueError naming the file and row of a malformed row."""
+    rows (a first row starting with ImageId, file, filename, image, name, path or id is a header). Raises
+    ValueError naming the file and row of a malformed row."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [row for row in csv.reader(f) if row and any(field.strip() for field in row)]

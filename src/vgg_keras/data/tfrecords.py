@@ -116,7 +116,8 @@ class TFRecordSource:
             files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
         # A fixed cycle length (not AUTOTUNE) keeps the order the same on every machine. Each shard has its own
         # ignore_errors: a damaged one ends early (counted by the training pipeline), the others are read whole.
-        records = files.interleave(lambda shard: tf.data.TFRecordDataset(shard).ignore_errors(), cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
+        records = files.interleave(lambda shard: tf.data.TFRecordDataset(shard).ignore_errors(),
+                                   cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if shuffle:
             records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
