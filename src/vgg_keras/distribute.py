@@ -194,7 +194,8 @@ def _average_scalar_logs_across_workers():
 
 class WorkerShare:
     """A data source as one worker's input pipeline sees it: `records` yields only this pipeline's share of a split
-    (`source.records(..., shard=(index, count))`), and counts how far into it the pipeline read.
+    (`source.records(..., shard=(index, count))`), and counts how far into it the pipeline read (`read`, when there
+    are several pipelines).
 
     input_context: the `tf.distribute.InputContext` of `distribute_datasets_from_function` (or None: one pipeline).
     shuffle_seed: the seed of the split's shuffle, the same on every worker so that the shares partition the split;
@@ -212,8 +213,9 @@ class WorkerShare:
         return self.source.num_examples(split)
 
     def records(self, split, shuffle=False, seed=None):
-        shard = (self.index, self.count) if self.count > 1 else None
         seed = self.shuffle_seed if shuffle and self.shuffle_seed is not None else seed
+        if self.count == 1:  # one input pipeline reads everything: nothing to shard, nothing to report
+            return self.source.records(split, shuffle=shuffle, seed=seed)
         counter = self.read
 
         def count(position, record):
@@ -221,6 +223,7 @@ class WorkerShare:
             with tf.control_dependencies([counter.assign(tf.maximum(counter, position + 1))]):
                 return {key: tf.identity(value) for key, value in record.items()}
 
+        shard = (self.index, self.count)
         return self.source.records(split, shuffle=shuffle, seed=seed, shard=shard).enumerate().map(count)
 
     def describe(self, split):
@@ -252,6 +255,6 @@ class InputShareLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         for share in self.shares:
-            if share.count > 1:
-                print(share.describe("train"), flush=True)
+            if share.count > 1:  # on a line of its own, after Keras's progress bar
+                print("\n" + share.describe("train"), flush=True)
         self.shares = []
