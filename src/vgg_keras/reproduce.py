@@ -606,14 +606,19 @@ def _row_label(plan, row):
 def _paper_train_scale(plan, row):
     from .data import parse_scale
 
-    return " / ".join(format_scale(*parse_scale(plan.runs[name]["scale"])) for name in row.runs)
+    return _joined(format_scale(*parse_scale(plan.runs[name]["scale"])) for name in row.runs)
+
+
+def _joined(scales):
+    """A fusion's training scales: one when its members share it, else 'S1 / S2'."""
+    return " / ".join(dict.fromkeys(scales))
 
 
 def table_entry(schedule, row, errors):
     """One report row: the paper's and our settings and errors (ours None when not evaluated)."""
     plan = schedule.plan
-    ours_s = " / ".join(format_scale(*schedule.trainings[name].scale) for name in row.runs
-                        if name in schedule.trainings)
+    ours_s = _joined(format_scale(*schedule.trainings[name].scale) for name in row.runs
+                     if name in schedule.trainings)
     top1, top5 = errors if errors else (None, None)
     return {"runs": list(row.runs), "config": _row_label(plan, row), "method": row.method,
             "train_scale": _paper_train_scale(plan, row), "test_scales": list(row.scales),
@@ -863,12 +868,17 @@ def plot_table(table, number, path):
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 3), 4.5))
     for ax, key in zip(axes, ("top1", "top5")):
+        ours = [r[key] for r in rows]
         ax.bar(x - 0.2, [r[f"paper_{key}"] for r in rows], 0.4, label="paper")
-        ax.bar(x + 0.2, [r[key] if r[key] is not None else 0 for r in rows], 0.4, label="ours")
+        ax.bar(x + 0.2, [v if v is not None else 0 for v in ours], 0.4, label="ours")
+        for i in (i for i, v in enumerate(ours) if v is None):
+            ax.text(x[i] + 0.2, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+        top = max([r[f"paper_{key}"] for r in rows] + [v for v in ours if v is not None])
+        ax.set_ylim(0, top * 1.25)  # room for the legend above the bars
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel(f"{key[:3]}-{key[3:]} error (%)")
-        ax.set_title(f"Table {number} ({table['title']}): {key[:3]}-{key[3:]} error")
-        ax.legend()
+        ax.set_title(f"Table {number} ({table['title']}): {key[:3]}-{key[3:]} error", fontsize=10)
+        ax.legend(loc="upper right", ncols=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
