@@ -147,7 +147,7 @@ def test_dry_run_prints_each_step_as_a_command_and_runs_nothing(tmp_path, capsys
 
 # --- a killed plan resumes -------------------------------------------------------------------------------
 
-def test_a_killed_plan_resumes_without_retraining_a_finished_run(tmp_path):
+def test_a_killed_plan_resumes_without_retraining_a_finished_run(tmp_path, capsys):
     data = make_folder_dataset(tmp_path / "data", classes=2, per_class=4)
     plan, runs = write_plan(tmp_path, TINY_PLAN), tmp_path / "runs"
     args = [sys.executable, "-m", "vgg_keras.cli", "reproduce", "--plan", str(plan), "--data", str(data),
@@ -176,8 +176,8 @@ def test_a_killed_plan_resumes_without_retraining_a_finished_run(tmp_path):
     assert (runs / "table3.png").stat().st_size > 0 and (runs / "table4.png").stat().st_size > 0
 
     # a third time everything is done: the dry run says so
-    again = subprocess.run(args + ["--dry-run"], env=ENV, capture_output=True, text=True)
-    statuses = [line.rsplit("# ", 1)[1] for line in again.stdout.splitlines() if line.startswith("vgg-keras")]
+    assert not cli.main(args[3:] + ["--dry-run"])
+    statuses = [line.rsplit("# ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("vgg-keras")]
     assert statuses == ["A1: finished", "A2: finished", "done: table 3 A1 dense", "done: table 4 A2 dense"]
 
 
@@ -213,7 +213,9 @@ def test_report_has_paper_and_our_columns_and_the_trend_checks(tmp_path):
     # B: 28.7 + 1.0 - 29.6 = +0.1 (paper -0.9): does not hold; D - B = 27.0 - 2 - 29.7 = -4.7 (paper -1.7): holds
     assert trends[2]["verdict"] == "holds in 1 of 2" and "B top-1 − A top-1 = +0.1 (paper -0.9)" in \
         trends[2]["statement"] and "D top-1 − B top-1 = -4.7 (paper -1.7)" in trends[2]["statement"]
-    assert trends[7]["verdict"] == "not measured" and "not run (paper -0.8)" in trends[7]["statement"]
+    assert trends[7]["statement"] == ("7. Fusing models helps: none of its 3 comparisons was run (paper: -0.8, -0.7, "
+                                      "-0.7) → not measured")
+    assert "E top-1 − D top-1 = not run (paper +0.3)" in trends[2]["statement"]
     for t in report["trends"]:
         assert t["statement"] in markdown
     paths = write_tables(report, str(tmp_path))

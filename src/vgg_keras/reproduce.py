@@ -718,6 +718,9 @@ def trend_checks(plan, results):
                    "does not hold" if not any(judged) else f"holds in {sum(judged)} of {len(judged)}")
         parts = [f"{e['label']} = " + (f"{e['ours']:+.1f}" if e["ours"] is not None else "not run") +
                  (f" (paper {e['paper']:+.1f})" if e["paper"] is not None else "") for e in entries]
+        if entries and all(e["ours"] is None for e in entries):  # one line, not a list of "not run"
+            published = ", ".join(f"{e['paper']:+.1f}" for e in entries if e["paper"] is not None)
+            parts = [f"none of its {len(entries)} comparisons was run (paper: {published})"]
         statement = f"{number}. {name}: " + ("; ".join(parts) if parts else "no rows in this plan") + f" → {verdict}"
         checks.append({"number": number, "name": name, "comparisons": entries, "verdict": verdict,
                        "statement": statement})
