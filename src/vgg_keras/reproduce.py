@@ -226,6 +226,11 @@ class Schedule:
     def run_dir(self, name):
         return os.path.join(self.runs_dir, name)
 
+    def training(self, name):
+        """The TrainConfig of run `name`, also for a run this schedule does not train (to report our S)."""
+        return self.trainings.get(name) or train_config(self.plan, name, self.data, self.runs_dir, self.shrink,
+                                                        self.epochs)
+
     def our_scales(self, row):
         return tuple(shrink_size(q, self.shrink) for q in row.scales)
 
@@ -617,12 +622,11 @@ def _joined(scales):
 def table_entry(schedule, row, errors):
     """One report row: the paper's and our settings and errors (ours None when not evaluated)."""
     plan = schedule.plan
-    ours_s = _joined(format_scale(*schedule.trainings[name].scale) for name in row.runs
-                     if name in schedule.trainings)
+    ours_s = _joined(format_scale(*schedule.training(name).scale) for name in row.runs)
     top1, top5 = errors if errors else (None, None)
     return {"runs": list(row.runs), "config": _row_label(plan, row), "method": row.method,
             "train_scale": _paper_train_scale(plan, row), "test_scales": list(row.scales),
-            "our_train_scale": ours_s or None, "our_test_scales": list(schedule.our_scales(row)),
+            "our_train_scale": ours_s, "our_test_scales": list(schedule.our_scales(row)),
             "paper_top1": row.paper[0], "paper_top5": row.paper[1], "top1": top1, "top5": top5}
 
 
@@ -822,7 +826,7 @@ def report_markdown(report):
         for row in table["rows"]:
             q = ",".join(map(str, row["test_scales"]))
             our_q = ",".join(map(str, row["our_test_scales"]))
-            train_s = row["train_scale"] + (f" ({row['our_train_scale']})" if shrunk and row["our_train_scale"] else "")
+            train_s = row["train_scale"] + (f" ({row['our_train_scale']})" if shrunk else "")
             test_q = (f"{{{q}}}" if len(row["test_scales"]) > 1 else q) + (f" ({our_q})" if shrunk else "")
             lines.append(f"| {row['config']} | {train_s} | {test_q} | {METHOD_NAMES[row['method']]} | "
                          f"{_pct(row['paper_top1'])} | {_pct(row['top1'])} | {_pct(row['paper_top5'])} | "
