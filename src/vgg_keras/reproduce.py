@@ -389,7 +389,8 @@ def check_finished_run(cfg):
     with open(os.path.join(cfg.run_dir, "config.json")) as f:
         previous = json.load(f)
     ours = {**dataclasses.asdict(cfg), "scale": list(cfg.scale)}
-    changed = {k: (previous.get(k), v) for k, v in ours.items() if k != "epochs" and previous.get(k) != v}
+    # keys a run predating a new TrainConfig field lacks are not a difference
+    changed = {k: (previous[k], v) for k, v in ours.items() if k != "epochs" and k in previous and previous[k] != v}
     if changed:
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise PlanError(f"{cfg.run_dir} holds a finished run with other settings ({diff}); "
