@@ -66,7 +66,13 @@ class FeatureExtractor:
         names = [entry.name for entry in dense.layers[1:]]
         if layer not in names:
             raise ValueError(f"--layer {layer!r}: {run.path} has no such layer; valid layers: {', '.join(names)}")
-        self.net = keras.Model(dense.input, dense.get_layer(layer).output, name=f"{dense.name}_{layer}")
+        # The dense net's layers applied again up to `layer` (weights shared): its conv layers are also the FC
+        # model's, so `dense.get_layer(layer).output` would be a tensor of the FC model's graph.
+        inputs = keras.Input(shape=(None, None, dense.input_shape[-1]), name="input_layer")
+        x = inputs
+        for entry in dense.layers[1:names.index(layer) + 2]:
+            x = entry(x)
+        self.net = keras.Model(inputs, x, name=f"{dense.name}_{layer}")
         self.dim = int(self.net.output_shape[-1])
         self.mean_rgb, self.crop = tuple(run.stats.mean_rgb), int(run.crop)
         self.maps = tf.function(lambda images: self.net(images, training=False),
@@ -154,7 +160,8 @@ def _multilabel_builder(spec, data_dir):
         builder = tfds.builder(spec[len("tfds:"):], data_dir=data_dir)
     except Exception:  # noqa: BLE001  (an unknown name: load_source reports it)
         return None
-    labels = builder.info.features.get("labels") if hasattr(builder.info.features, "get") else None
+    features = builder.info.features
+    labels = features["labels"] if "labels" in features else None
     if isinstance(labels, tfds.features.Sequence) and isinstance(labels.feature, tfds.features.ClassLabel):
         return builder
     return None
