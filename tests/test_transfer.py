@@ -218,12 +218,25 @@ def test_holdout_is_stratified_and_c_comes_from_the_grid(rng):
     assert c in (0.1, 1.0) and [row["c"] for row in table] == [0.1, 1.0]
 
 
-def test_multilabel_svm_separates_clusters_and_ignores_difficult_labels(rng):
+def test_multilabel_svm_separates_clusters_and_ignores_difficult_labels(rng, tmp_path):
     targets = rng.integers(0, 2, size=(80, 3)).astype(np.int8)
     features = ft.l2_normalize(targets @ rng.normal(size=(3, 16)) + 0.05 * rng.normal(size=(80, 16)))
     targets[:8, 0] = -1  # difficult only: neither positive nor negative for class 0
     svm = tr.LinearSVM(1.0, 3).fit(features[:60], targets[:60])
     assert tr.mean_average_precision(targets[60:], svm.scores(features[60:])) > 95
+    without = tr.LinearSVM(1.0, 3).fit(features[8:60], targets[8:60])  # the difficult images left out altogether
+    np.testing.assert_allclose(svm.scores(features[60:])[:, 0], without.scores(features[60:])[:, 0], atol=1e-6)
+    # the same through run_transfer: multi-label labels select the VOC protocol's report
+    settings = {"models": [{"config": "D"}, {"config": "E"}], "layer": "fc2", "scales": [256, 384, 512],
+                "combine": "average", "flip": True, "data": "tfds:voc/2007"}
+    files = [{"features": features[rows], "labels": targets[rows], "ids": np.arange(80)[rows].astype(str),
+              "class_names": ["cat", "dog", "eel"], "settings": settings, "path": name}
+             for rows, name in ((slice(0, 60), "train.npz"), (slice(60, 80), "val.npz"))]
+    report = tr.run_transfer(files[0], files[1], c=1.0, out=str(tmp_path / "voc.json"))
+    assert report["metric"] == "mean AP" and report["protocol"]["name"] == "voc" and report["score"] > 95
+    assert "| VGG D & E (fc2, Q {256,384,512}, average) |" in (tmp_path / "voc.md").read_text()
+    with pytest.raises(ValueError, match="multi-label data uses mAP"):
+        tr.run_transfer(files[0], files[1], splits=2, train_per_class=5)
 
 
 # --- end to end: a tiny run's features and the SVM -----------------------------------------------------------------

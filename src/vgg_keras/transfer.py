@@ -17,6 +17,7 @@ recalls or APs).
 
 import json
 import os
+import warnings
 
 import numpy as np
 from sklearn.metrics import average_precision_score
@@ -259,7 +260,9 @@ def run_transfer(train, val=None, c=None, grid=C_GRID, splits=None, train_per_cl
         protocol = {"name": "voc" if multilabel else "train/val", "train_images": len(train["labels"]),
                     "test_images": len(val["labels"])}
     scores = [r["score"] for r in results]
-    per_class = np.nanmean([r["per_class"] for r in results], axis=0)
+    with warnings.catch_warnings():  # a class with no test image in any split stays NaN ("n/a"), silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = np.nanmean([r["per_class"] for r in results], axis=0)
     report = {
         "method": method_name(train["settings"]),
         "data": train["settings"].get("data"),
