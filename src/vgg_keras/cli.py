@@ -121,19 +121,11 @@ def cmd_features(args):
 
 
 def cmd_transfer(args):
-    from .transfer import run_transfer, transfer_from_models
+    from .transfer import transfer
 
-    protocol = dict(c=args.c, splits=args.splits, train_per_class=args.train_per_class,
-                    test_per_class=args.test_per_class, seed=args.seed, out=args.out)
-    if args.model:
-        if not args.data:
-            raise ValueError("--model needs --data (the data set to transfer to)")
-        transfer_from_models(args.model, args.data, features_train=args.features_train,
-                             features_val=args.features_val, **protocol, **_feature_options(args))
-    elif not args.features_train:
-        raise ValueError("pass --features-train FILE (and --features-val FILE), or --model RUN --data SRC")
-    else:
-        run_transfer(args.features_train, args.features_val, **protocol)
+    transfer(args.features_train, args.features_val, models=args.model, data=args.data,
+             feature_options=_feature_options(args), c=args.c, splits=args.splits,
+             train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed, out=args.out)
 
 
 def _add_feature_flags(p):

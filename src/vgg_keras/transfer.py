@@ -283,14 +283,18 @@ def run_transfer(train, val=None, c=None, grid=C_GRID, splits=None, train_per_cl
     return report
 
 
-def transfer_from_models(models, data, c=None, splits=None, train_per_class=None, test_per_class=None, seed=0,
-                         out=None, features_train=None, features_val=None, **feature_options):
-    """`vgg-keras transfer --model ... --data ...`: extract the train and val features (written to features_train /
-    features_val when given), then `run_transfer`."""
-    train = extract_features(models, data, "train", out=features_train, **feature_options)
-    val = extract_features(models, data, "val", out=features_val, **feature_options)
-    return run_transfer(train, val, c=c, splits=splits, train_per_class=train_per_class,
-                        test_per_class=test_per_class, seed=seed, out=out)
+def transfer(features_train=None, features_val=None, models=None, data=None, feature_options=None, **protocol):
+    """`vgg-keras transfer`: `run_transfer` on the feature files, or with `models` and `data` on features extracted
+    first from the train and val splits (written to features_train / features_val when given; `feature_options`
+    go to `extract_features`). protocol: the keywords of `run_transfer` (c, splits, train_per_class, ...)."""
+    if models:
+        if not data:
+            raise ValueError("--model needs --data (the data set to transfer to)")
+        features_train = extract_features(models, data, "train", out=features_train, **(feature_options or {}))
+        features_val = extract_features(models, data, "val", out=features_val, **(feature_options or {}))
+    elif not features_train:
+        raise ValueError("pass --features-train FILE (and --features-val FILE), or --model RUN --data SRC")
+    return run_transfer(features_train, features_val, **protocol)
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
