@@ -250,7 +250,8 @@ def extraction_settings(extractors, data, split, scales, combine, layer, flip):
 def extract(extractors, records, scales, combine="average", flip=True, settings=None, out=None,
             chunk_images=CHUNK_IMAGES, limit=None, progress=True):
     """Features of every decodable image of `records` ({"image" bytes, "label", "id"}), as
-    (features float32 [n, d], labels [n] or [n, classes], ids [n], seconds). With `out`, chunks of `chunk_images`
+    (features float32 [n, d], labels [n] or [n, classes], ids str [n], timing {"seconds" in the networks,
+    "images" described in this call, "images_per_s"}). With `out`, chunks of `chunk_images`
     images are saved beside it as they are done (see `parts_dir`) and a rerun with the same `settings` resumes after
     the last one; undecodable files are skipped (listed in data.SKIPPED)."""
     directory = parts_dir(out) if out else None
