@@ -68,3 +68,14 @@ eval-center eval-dense eval-multicrop: eval-%: install
 eval-fusion: install
 	@test -n "$(word 2,$(MODELS))" || { echo 'make eval-fusion: name two runs or more, e.g. MODELS="runs/a runs/b"' >&2; exit 2; }
 	$(CLI) eval $(foreach m,$(MODELS),--model $(m)) --method $(METHOD) $(EVAL_FLAGS) --out runs/eval-fusion.json
+
+# Transfer (PAPER.md section 6): features of MODELS (default: the newest run) on DATA=... (required), then the
+# linear SVM; features and report in runs/transfer/ (FEATURE_FLAGS="--combine stack --scales 256,384,512",
+# TRANSFER_FLAGS="--splits 3 --train-per-class 30" for the Caltech protocol).
+.PHONY: transfer
+transfer: install
+	@test -n "$(DATA)" || { echo "make transfer: pass DATA=<data set to transfer to>" >&2; exit 2; }
+	@test -n "$(MODELS)" || { echo "make transfer: no runs/*/best.keras; train first or pass MODELS=<runs>" >&2; exit 2; }
+	mkdir -p runs/transfer
+	$(CLI) transfer $(foreach m,$(MODELS),--model $(m)) --data $(DATA) --features-train runs/transfer/features-train.npz \
+		--features-val runs/transfer/features-val.npz --out runs/transfer/transfer.json $(FEATURE_FLAGS) $(TRANSFER_FLAGS)
