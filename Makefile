@@ -79,3 +79,14 @@ RUNS ?= $(if $(DATA),runs/paper,runs/demo-paper)
 reproduce: install $(if $(DATA),,demo-data)
 	$(CLI) reproduce --plan $(PLAN) --data $(TRAIN_DATA) --runs-dir $(RUNS) $(if $(TABLES),--tables $(TABLES)) \
 		$(if $(SHRINK),--shrink $(SHRINK)) $(REPRODUCE_FLAGS)
+
+# Transfer (PAPER.md section 6): features of MODELS (default: the newest run) on DATA=... (required), then the
+# linear SVM; features and report in runs/transfer/ (FEATURE_FLAGS="--combine stack --scales 256,384,512",
+# TRANSFER_FLAGS="--splits 3 --train-per-class 30" for the Caltech protocol).
+.PHONY: transfer
+transfer: install
+	@test -n "$(DATA)" || { echo "make transfer: pass DATA=<data set to transfer to>" >&2; exit 2; }
+	@test -n "$(MODELS)" || { echo "make transfer: no runs/*/best.keras; train first or pass MODELS=<runs>" >&2; exit 2; }
+	mkdir -p runs/transfer
+	$(CLI) transfer $(foreach m,$(MODELS),--model $(m)) --data $(DATA) --features-train runs/transfer/features-train.npz \
+		--features-val runs/transfer/features-val.npz --out runs/transfer/transfer.json $(FEATURE_FLAGS) $(TRANSFER_FLAGS)
