@@ -57,6 +57,13 @@ def cmd_train(args):
           f"vgg_{cfg.config.lower().replace('-', '_')}")
 
 
+def cmd_reproduce(args):
+    from .reproduce import parse_list, reproduce
+
+    reproduce(args.plan, args.data, args.runs_dir, tables=parse_list(args.tables, "--tables", int) or None,
+              only=parse_list(args.only, "--only") or None, shrink=args.shrink, epochs=args.epochs, dry=args.dry_run)
+
+
 def cmd_make_demo_data(args):
     from .data.demo import make_demo_data
 
@@ -243,6 +250,19 @@ def build_parser():
     p.add_argument("--predictions", metavar="FILE", help="per-image top-5 with class names: CSV for FILE.csv, "
                    "JSON lines otherwise")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="the paper's Tables 3-6 as one resumable plan: train the runs in dependency "
+                       "order, evaluate every row, write RUNS/tables.md (paper vs ours)")
+    p.add_argument("--plan", default="pipelines/paper.toml", help="plan file (default: pipelines/paper.toml)")
+    p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
+    p.add_argument("--runs-dir", default="runs/paper", help="one run directory per run, evaluations, tables.md")
+    p.add_argument("--tables", default="", help="tables to reproduce, e.g. 3,4 (default: the plan's, or all)")
+    p.add_argument("--only", default="", metavar="RUN,...", help="train only these runs (and their dependencies); "
+                   "evaluate the rows they make possible")
+    p.add_argument("--shrink", type=int, help="divide every S, Q and the crop by K (crop >= 32)")
+    p.add_argument("--epochs", type=int, help="cap every run at N epochs")
+    p.add_argument("--dry-run", action="store_true", help="print each step as the vgg-keras command it stands for")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("features", help="transfer descriptors (PAPER.md section 6): dense penultimate-layer "
                        "activations at several scales, averaged spatially and over flips, L2-normalised, as .npz")
