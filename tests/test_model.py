@@ -87,6 +87,20 @@ def test_weights_load_by_name_from_keras_and_legacy_h5_files(tmp_path, rng):
         vgg_keras.build_vgg("E", num_classes=7, input_shape=(32, 32, 3), weights=str(tmp_path / path))
 
 
+def test_bgr_weight_files_see_rgb_input(tmp_path, rng):
+    # keras.applications' VGG files expect BGR (Caffe); ours feed RGB: loaded with channels="bgr", our model on an
+    # RGB image must equal the file's model on the same image in BGR order.
+    theirs = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), init="glorot", seed=3)
+    theirs.save_weights(tmp_path / "bgr.weights.h5")
+    rgb = rng.uniform(-120, 120, size=(2, 32, 32, 3)).astype("float32")
+    ours = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), weights=str(tmp_path / "bgr.weights.h5"),
+                               weights_channels="bgr")
+    np.testing.assert_allclose(ours.predict(rgb, verbose=0), theirs.predict(rgb[..., ::-1], verbose=0), atol=1e-5)
+    assert not np.allclose(ours.predict(rgb, verbose=0), theirs.predict(rgb, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="'brg'.*'rgb' or 'bgr'"):
+        vgg_keras.load_weights_by_name(ours, str(tmp_path / "bgr.weights.h5"), channels="brg")
+
+
 @pytest.fixture(scope="module")
 def model_224():
     return vgg_keras.build_vgg("A", num_classes=10, input_shape=(224, 224, 3), init="glorot", seed=1)
