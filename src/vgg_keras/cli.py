@@ -304,7 +304,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as err:
         print(f"vgg-keras {args.command}: error: {err}", file=sys.stderr)
         return 2
 
