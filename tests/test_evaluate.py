@@ -1,6 +1,7 @@
 """Evaluation (Section 3.2): grids, scales, dense vs FC, flips, fusion, errors and reports, on tiny models."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -459,3 +460,93 @@ def test_cli_refuses_to_fuse_different_class_counts(tmp_path, eval_data, capsys)
     assert f"cannot fuse {three} (3 classes) with {five} (5 classes)" in capsys.readouterr().err
     assert main(["eval", "--model", str(five), "--data", str(eval_data)]) == 2
     assert "classes are not those" in capsys.readouterr().err
+
+
+# --- bounded work: a banner and a 12-megapixel photo through `vgg-keras eval` -------------------------------------
+
+BOUND = 4800  # --max-pixels of these tests: a 56 x 64 image at Q = 64 fits (64 x 73), a 4:3 one does not
+
+# Steps run in one fresh process, each followed by its peak resident memory so far (ru_maxrss, KiB on Linux): the
+# first step (a normal image) is the baseline, warm, and the next one's growth is what the large images cost.
+EVAL_STEPS = """
+import json, resource, sys
+from vgg_keras import cli
+for argv in json.loads(sys.argv[1]):
+    assert not cli.main(argv)
+    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def peaks_mib(code, steps):
+    """Peak resident memory (MiB) after each of `steps` (JSON-able), run by `code` in a fresh Python."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(steps)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [int(line.split()[1]) / 1024 for line in result.stdout.splitlines() if line.startswith("peak_kib")]
+
+
+def synthetic_jpeg(height, width, seed=0):
+    """A smooth colour image with a few edges, JPEG-encoded (a real-looking photo for the decoder)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    rgb = [127 + 120 * np.sin(x / (7 + 5 * i) + y / (11 + 3 * i) + phase[i]) for i in range(3)]
+    rgb = np.stack(rgb, axis=-1) * ((x // 16 + y // 16) % 2 == 0)[..., None]
+    return tf.io.encode_jpeg(rgb.astype(np.uint8), quality=90).numpy()
+
+
+BANNER, PHOTO, NORMAL = (8, 4096), (3000, 4000), (56, 64)
+
+
+def dense_net_allowance_mib(max_pixels, channels=64, live_tensors=4):
+    """What the bound allows the dense net: each view (image and mirror) at most max_pixels pixels of block1's
+    widest activation (64 float32 channels), a few such tensors alive at once."""
+    return 2 * max_pixels * channels * 4 * live_tensors / 2 ** 20
+
+
+def decode_allowance_mib(height, width):
+    """Decoding an image whole (evaluation and serving do): uint8 and float32 copies, two of each in flight."""
+    return 2 * height * width * (3 + 4 * 3) / 2 ** 20
+
+
+def class_folders(root, images):
+    """A class-folder data set whose val/class_i holds images[i] (bytes); train/ one tiny PNG per class."""
+    for label, data in enumerate(images):
+        for split in ("train", "val"):
+            (root / split / f"class_{label}").mkdir(parents=True)
+        (root / "val" / f"class_{label}" / "image.jpg").write_bytes(data)
+        (root / "train" / f"class_{label}" / "t.jpg").write_bytes(synthetic_jpeg(40, 40, label))
+    return root
+
+
+def test_eval_dense_bounds_the_memory_of_a_banner_and_a_large_photo(tmp_path):
+    from conftest import make_run_dir
+
+    run = make_run_dir(tmp_path / "run")
+    normal = synthetic_jpeg(*NORMAL)
+    big = class_folders(tmp_path / "big", [synthetic_jpeg(*BANNER, 1), synthetic_jpeg(*PHOTO, 2), normal])
+    small = class_folders(tmp_path / "small", [normal, normal, normal])
+    steps = [["eval", "--model", str(run), "--data", str(data), "--method", "dense", "--scales", "64",
+              "--max-pixels", str(BOUND), "--out", str(tmp_path / f"{name}.json"),
+              "--predictions", str(tmp_path / f"{name}.jsonl")] for name, data in [("small", small), ("big", big)]]
+    peaks = dict(zip(["small", "big"], peaks_mib(EVAL_STEPS, steps)))
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in peaks}
+    report = reports["big"]
+    assert report["images"] == 3 and not report["skipped"] and report["max_pixels"] == BOUND
+    # Without the bound the banner would be 64 x 32768 (2.1 M pixels, ~1 GB per activation of block1 with its
+    # mirror), the photo 64 x 85 = 5440 pixels: both are evaluated within 4800 pixels, and listed.
+    banner_id, photo_id = (str(big / "val" / f"class_{i}" / "image.jpg") for i in (0, 1))
+    assert sorted(report["bounded"]) == sorted([banner_id, photo_id])
+    assert "8x4096 at Q=64: 64x32768 = 2097152 pixels > --max-pixels 4800; evaluated at Q=32 (32x16384), " \
+           "its central 32x150" == report["bounded"][banner_id]
+    assert report["bounded"][photo_id].endswith("evaluated at Q=60 (60x80)")
+    assert "(2 above --max-pixels 4800" in (tmp_path / "big.md").read_text()
+    # The normal image is evaluated as alone (its posteriors do not depend on the others), and is not bounded.
+    by_id = {json.loads(line)["id"]: json.loads(line)["top3"] for line in (tmp_path / "big.jsonl").open()}
+    alone = json.loads((tmp_path / "small.jsonl").open().readline())["top3"]
+    np.testing.assert_allclose([p for _, p in sorted(by_id[str(big / "val" / "class_2" / "image.jpg")])],
+                               [p for _, p in sorted(alone)], atol=1e-6)
+    assert reports["small"]["bounded"] == {}
+    allowed = decode_allowance_mib(*PHOTO) + dense_net_allowance_mib(BOUND) + 150  # + noise of the allocator
+    # measured: ~150 MiB more; with --max-pixels 10**9 the banner alone takes ~1600 MiB more
+    assert peaks["big"] - peaks["small"] < allowed, (peaks, allowed)
