@@ -550,3 +550,58 @@ def test_eval_dense_bounds_the_memory_of_a_banner_and_a_large_photo(tmp_path):
     allowed = decode_allowance_mib(*PHOTO) + dense_net_allowance_mib(BOUND) + 150  # + noise of the allocator
     # measured: ~150 MiB more; with --max-pixels 10**9 the banner alone takes ~1600 MiB more
     assert peaks["big"] - peaks["small"] < allowed, (peaks, allowed)
+
+
+def test_cli_softmax_first_split_train_and_max_pixels(tmp_path, eval_data, capsys):
+    from conftest import make_run_dir
+    from vgg_keras.cli import main
+
+    run = make_run_dir(tmp_path / "run")
+    reports = {}
+    for name, flags in [("default", []), ("softmax_first", ["--softmax-first"])]:
+        out = tmp_path / f"{name}.json"
+        assert not main(["eval", "--model", str(run), "--data", str(eval_data), "--split", "train", "--method",
+                         "dense", "--scales", "64", "--out", str(out), "--predictions", str(tmp_path / f"{name}.jsonl"),
+                         *flags])
+        reports[name] = json.loads(out.read_text())
+    assert reports["softmax_first"]["dense_order"] == "softmax, then spatial average"
+    assert reports["default"]["dense_order"] == "spatial average, then softmax"
+    assert all(r["split"] == "train" and r["images"] == 3 for r in reports.values())  # the 3 train images, not val
+    # each order against its definition on the train image of class_0 (40 x 40, a 64 x 64 input: 2x2 score maps)
+    image = tf.cast(tf.io.decode_png((eval_data / "train" / "class_0" / "t.png").read_bytes()), tf.float32)
+    maps = score_maps_by_hand(vgg_keras.runs.load_run(str(run)).model, image, 64)
+    expected = {"default": softmax(maps.mean(axis=(1, 2))).mean(axis=0),
+                "softmax_first": softmax(maps).mean(axis=(1, 2)).mean(axis=0)}
+    for name in reports:
+        first = next(json.loads(line) for line in (tmp_path / f"{name}.jsonl").open() if "class_0" in line)
+        np.testing.assert_allclose([p for _, p in sorted(first["top3"])], expected[name], atol=1e-5)
+    assert main(["eval", "--model", str(run), "--data", str(eval_data), "--max-pixels", "100"]) == 2
+    assert "--max-pixels 100: below one 32x32 crop (1024 pixels)" in capsys.readouterr().err
+
+
+def test_a_bare_keras_file_with_a_linear_last_layer_evaluates(tmp_path, eval_data, capsys):
+    from vgg_keras.cli import main
+
+    linear = vgg_keras.build_vgg("A", num_classes=3, input_shape=(CROP, CROP, 3), init="glorot", seed=2,
+                                 classifier_activation=None)
+    bare = tmp_path / "bare.keras"
+    linear.save(bare)
+    assert main(["eval", "--model", str(bare), "--data", str(eval_data)]) == 2
+    assert f"{bare}: no training scale recorded (a bare model file); pass --scales" in capsys.readouterr().err
+    out = tmp_path / "report.json"
+    assert not main(["eval", "--model", str(bare), "--data", str(eval_data), "--method", "center", "--scales", "40",
+                     "--no-flip", "--out", str(out), "--predictions", str(tmp_path / "p.jsonl")])
+    report = json.loads(out.read_text())
+    assert report["images"] == 6 and report["models"][0]["config"] == linear.name
+    # a linear `predictions` layer gives class scores: evaluation soft-maxes them
+    photo = eval_data / "val" / "class_0" / "photo.jpg"  # 60 x 80: 40 x 53 at Q = 40, its centre at (4, 10)
+    line = next(json.loads(line) for line in (tmp_path / "p.jsonl").open() if json.loads(line)["id"] == str(photo))
+    image = tf.cast(tf.io.decode_jpeg(photo.read_bytes()), tf.float32)
+    crop = (rescale(image, 40).numpy() - np.array(IMAGENET_STATS.mean_rgb, np.float32))[4:36, 10:42]
+    scores = linear.predict(crop[None], verbose=0)[0]
+    assert not np.isclose(scores.sum(), 1.0)  # scores, not posteriors
+    names = {"class_0": 0, "class_1": 1, "class_2": 2}
+    got = np.zeros(3)
+    for name, p in line["top3"]:
+        got[names[name]] = p
+    np.testing.assert_allclose(got, softmax(scores), atol=1e-5)
