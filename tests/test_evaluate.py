@@ -149,8 +149,8 @@ def test_center_and_multicrop_equal_crops_cut_by_hand(model, scorer, rng):
     centre = crop_posteriors_by_hand(model, image, 48, [((48 - 32) // 2, (72 - 32) // 2)])
     np.testing.assert_allclose(ev.center_scores(scorer, image, [48]), centre, atol=1e-5)
     grid = [(top, left) for top in (0, 4, 8, 12, 16) for left in (0, 10, 20, 30, 40)]
-    np.testing.assert_allclose(ev.multi_crop_scores(scorer, image, [48]), crop_posteriors_by_hand(model, image, 48, grid),
-                               atol=1e-5)
+    np.testing.assert_allclose(ev.multi_crop_scores(scorer, image, [48]),
+                               crop_posteriors_by_hand(model, image, 48, grid), atol=1e-5)
     wrong_place = crop_posteriors_by_hand(model, image, 48, [(0, 0)])
     assert not np.allclose(wrong_place, centre, atol=1e-4)  # the position matters: the comparison means something
 
@@ -324,7 +324,8 @@ def test_report_table_and_predictions(model, rng, tmp_path):
     assert headline == {"config": "A + A", "train_scale": "[40;48] / 48", "test_scales": "{40,44,48} / {16,48,80}",
                         "method": "multicrop+dense", "top1_error": report["top1_error"],
                         "top5_error": report["top5_error"], "fusion": True}
-    fused = np.array([[p for _, p in sorted(json.loads(line)["top3"])] for line in open(tmp_path / "predictions.jsonl")])
+    fused = np.array([[p for _, p in sorted(json.loads(line)["top3"])]
+                      for line in open(tmp_path / "predictions.jsonl")])
     wrong = np.argmax(fused, axis=1) != np.array([0, 1, 2, 1])  # class names sort as their indices: cat, dog, eel
     assert report["top1_error"] == pytest.approx(100 * wrong.mean())
     assert report["top5_error"] == 0.0  # 3 classes: the top-5 error counts nothing here

@@ -209,7 +209,8 @@ def _mean_posteriors(posterior_fn, views, batch_size):
 
 
 def center_box(height, width, crop):
-    """[1, 4] (top, left, bottom, right): the central crop x crop window of a height x width image (as `center_crop`)."""
+    """[1, 4] (top, left, bottom, right): the central crop x crop window of a height x width image
+    (`images.center_crop`'s)."""
     top, left = (height - crop) // 2, (width - crop) // 2
     return np.array([[top, left, top + crop, left + crop]], dtype=np.int64)
 
