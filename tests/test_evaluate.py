@@ -167,6 +167,23 @@ def test_rescaled_window_equals_slicing_the_whole_rescaled_image(rng, size, wind
     np.testing.assert_allclose(part, whole[top:top + height, left:left + width], atol=atol)
 
 
+def test_crop_methods_rescale_only_what_their_crops_need(scorer, rng, monkeypatch):
+    windows = []
+    real = ev.rescaled_window
+    monkeypatch.setattr(ev, "rescaled_window", lambda image, size, window: windows.append(
+        (list(size), list(window))) or real(image, size, window))
+    banner = random_image(rng, 4, 2048)  # 32 x 16384 at Q = 32: 5 crop columns far apart
+    ev.multi_crop_scores(scorer, banner, [32])
+    assert [size for size, _ in windows] == [[32, 16384]] * 5
+    assert [window for _, window in windows] == [[0, left, 32, 32] for left in (0, 4088, 8176, 12264, 16352)]
+    windows.clear()
+    ev.center_scores(scorer, random_image(rng, 300, 400), [40])  # 40 x 53: the central 32 x 32 only
+    assert windows == [([40, 53], [4, 10, 32, 32])]
+    windows.clear()
+    ev.multi_crop_scores(scorer, random_image(rng, 40, 60), [40])  # overlapping crops: the image in one piece
+    assert windows == [([40, 60], [0, 0, 40, 60])]
+
+
 def test_bounded_view_keeps_each_dense_view_within_max_pixels():
     def view(height, width, q, crop=32, max_pixels=64 * 64):
         return [np.asarray(v).tolist() for v in ev.bounded_view(height, width, q, crop, max_pixels)]
