@@ -18,7 +18,7 @@ def cmd_export(args):
     from .export import export
 
     scales = parse_scales(args.scales) if args.scales else None
-    print(f"exported {export(args.model, args.name, scales, args.top_k, args.out)}")
+    print(f"exported {export(args.model, args.name, scales, args.top_k, args.out, **max_pixels(args))}")
 
 
 def cmd_eval(args):
@@ -26,7 +26,8 @@ def cmd_eval(args):
 
     run_evaluation(args.model, data=args.data, split=args.split, method=args.method,
                    scales=parse_scales(args.scales) if args.scales is not None else None, flip=not args.no_flip,
-                   out=args.out, predictions=args.predictions, softmax_first=args.softmax_first, limit=args.limit)
+                   out=args.out, predictions=args.predictions, softmax_first=args.softmax_first, limit=args.limit,
+                   **max_pixels(args))
 
 
 def cmd_predict(args):
@@ -153,6 +154,16 @@ def _add_data_flags(p, seed_help="seed of the validation split (and of sampling)
     p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
+def max_pixels(args):
+    return {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+
+
+def add_max_pixels(parser):
+    parser.add_argument("--max-pixels", type=int, metavar="N", help="dense evaluation: at most N pixels of "
+                        "rescaled image per view; larger images are evaluated at the largest Q that fits, banners "
+                        "on their central part (default: 1048576 = 1024x1024; see README, Evaluation)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="vgg-keras", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +232,7 @@ def build_parser():
     p.add_argument("--name", help="model name for TF Serving (default: vgg_<config>, e.g. vgg_a)")
     p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's for the training scale)")
     p.add_argument("--top-k", type=int, default=5, help="classes returned per image (default: 5)")
+    add_max_pixels(p)
     p.add_argument("--out", default="saved_models", help="folder of exported models (default: saved_models)")
     p.set_defaults(func=cmd_export)
 
@@ -246,6 +258,7 @@ def build_parser():
     p.add_argument("--softmax-first", action="store_true", help="dense: soft-max each location of the score map, "
                    "then average (default: average the scores, then soft-max, as the paper)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    add_max_pixels(p)
     p.add_argument("--out", help="report as JSON (e.g. report.json); its markdown table goes beside it (report.md)")
     p.add_argument("--predictions", metavar="FILE", help="per-image top-5 with class names: CSV for FILE.csv, "
                    "JSON lines otherwise")
