@@ -26,7 +26,7 @@ from vgg_keras.data.images import decode_rgb
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 SCALES = (256, 384, 512)
-IMAGES = 3  # multicrop costs ~30-40 s an image on a 2-core CPU
+IMAGES = 2  # multicrop costs ~30-40 s an image on a 2-core CPU
 RECORDS = ["dense_vs_multicrop_cost", "dense_throughput_vs_fc_batch"]
 SHAPE = (375, 500)  # 4:3 landscape, the commonest ImageNet shape: the bound is ~5.3 there
 

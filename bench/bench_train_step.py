@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 RECORDS = ["train_step_D_vs_keras_applications", "train_step_vs_machine_peak", "onednn_speedup"]
-BATCH, SIZE, CLASSES, ROUNDS = 8, 224, 1000, 7
+BATCH, SIZE, CLASSES, ROUNDS = 8, 224, 1000, 5
 SGEMM_N = 4096
-ONEDNN_ROUNDS, ONEDNN_STEPS = 2, 2
+ONEDNN_ROUNDS, ONEDNN_STEPS = 2, 1
 
 
 def _compiled(model):

@@ -5,7 +5,7 @@ Each benchmark module has `RECORDS` (the names of the records it writes) and `ru
 latest.json holds only this run's records, each stamped with the commit, the time and the CPU line
 (`machine.cpu_line()`); a benchmark that cannot run (missing data, an error) leaves a record per name saying why,
 with null numbers, instead of disappearing or leaving an old record looking current.
-`python bench/run.py NAME...` runs only the named modules (e.g. bench_train_step).
+`python bench/run.py NAME...` runs only the named modules, in that order (e.g. bench_train_step).
 """
 
 import datetime
@@ -72,8 +72,11 @@ def main(names):
     print(cpu, flush=True)
     stamp = {"commit": commit(), "cpu": cpu}
     modules = sorted(HERE.glob("bench_*.py"))
-    if names:
-        modules = [m for m in modules if m.stem in names]
+    if names:  # in the order given
+        unknown = set(names) - {m.stem for m in modules}
+        if unknown:
+            raise SystemExit(f"bench/run.py: no such benchmark {sorted(unknown)}; there are {[m.stem for m in modules]}")
+        modules = [HERE / f"{name}.py" for name in names]
     records, begin = [], time.time()
     for path in modules:
         print(f"== {path.stem}", flush=True)
@@ -81,7 +84,7 @@ def main(names):
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         records += [{**record, **stamp, "time": when} for record in run_module(path)]
         print(f"   ({time.time() - start:.0f} s)", flush=True)
-    out.write_text(json.dumps(records, indent=2) + "\n")  # this run's records only
+        out.write_text(json.dumps(records, indent=2) + "\n")  # this run's records only, so far
     print(f"\n{cpu}\n{'name':<36}{'ours':>12}{'reference':>12}{'ratio':>8}  unit")
     for r in records:
         if r.get("status") == "not run":
