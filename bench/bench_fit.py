@@ -112,14 +112,14 @@ def run():
     images = timer.batches * cfg.batch_size
     (fit, fit_cpu), (reference, reference_cpu) = images / seconds, np.mean(bare, axis=0)
     print(f"   loop {fit:.1f} images/s ({images} images in {seconds[0]:.1f} s); bare train_on_batch "
-          f"{[round(b[0], 1) for b in bare]} images/s; whole run {loop_end[0] - loop_start[0]:.0f} s; per "
+          f"{[round(float(b[0]), 1) for b in bare]} images/s; whole run {loop_end[0] - loop_start[0]:.0f} s; per "
           f"CPU-second: loop {fit_cpu:.1f}, bare {reference_cpu:.1f}", flush=True)
     return [{
         "name": "fit_vs_bare_step", "ours": float(fit), "reference": float(reference),
         "ratio": float(fit / reference),
         "unit": "images/s", "higher_is_better": True, "target": ">= 0.90",
-        "bare_images_per_s": [round(b[0], 2) for b in bare],
-        "ratio_per_cpu_second": round(fit_cpu / reference_cpu, 3),
+        "bare_images_per_s": [round(float(b[0]), 2) for b in bare],
+        "ratio_per_cpu_second": round(float(fit_cpu / reference_cpu), 3),
         "notes": f"`vgg-keras train --config A` {' '.join(flags)} --epochs {EPOCHS} on the demo data, after the "
                  f"first {WARM_BATCHES} steps (tracing), to the end of train(): validation excluded; input pipeline, "
                  "callbacks, checkpoints, run files included; "

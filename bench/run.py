@@ -85,7 +85,7 @@ def main(names):
         records += [{**record, **stamp, "time": when} for record in run_module(path)]
         print(f"   ({time.time() - start:.0f} s)", flush=True)
         out.write_text(json.dumps(records, indent=2) + "\n")  # this run's records only, so far
-    print(f"\n{cpu}\n{'name':<36}{'ours':>12}{'reference':>12}{'ratio':>8}  unit")
+    print(f"\n{'name':<36}{'ours':>12}{'reference':>12}{'ratio':>8}  unit")
     for r in records:
         if r.get("status") == "not run":
             print(f"{r['name']:<36}{'':>12}{'':>12}{'':>8}  {r['notes']}")
