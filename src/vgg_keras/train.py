@@ -342,8 +342,9 @@ def learning_rate(model):
 # The entry point
 
 
-def train(cfg, return_model=False):
-    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked)."""
+def train(cfg, return_model=False, extra_callbacks=()):
+    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked).
+    `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one)."""
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
     check_arguments(cfg, strategy.num_replicas_in_sync)
@@ -378,7 +379,7 @@ def train(cfg, return_model=False):
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
                                  state["best_top1"] if state else -1.0)
     input_log = InputShareLog()
-    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), input_log]
+    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), input_log, *extra_callbacks]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
