@@ -221,11 +221,10 @@ def test_sigkill_then_rerun_resumes_as_if_never_interrupted(tmp_path):
     assert any((run / "tensorboard").iterdir())
     assert not [f for p in (run, run / "checkpoints") for f in os.listdir(p) if f.startswith(".tmp")]
 
-    # The same command never interrupted. Every input of a step is a function of the seed (stateless
-    # augmentation per epoch, the dropout seed generator is in the checkpoint); what remains is the order of
-    # float32 sums in the CPU kernels, which threads may change from one process to the next: weights and
-    # optimizer variables agree to 1e-5 (they are O(0.1); a lost momentum or a repeated epoch moves them by
-    # ~1e-3, see test_two_replicas_give_the_same_step_as_one).
+    # The same command never interrupted. Every input of a step is a function of the seed and the epoch
+    # (stateless augmentation, train.seed_dropout); what remains is the order of float32 sums in the CPU
+    # kernels, which threads may change from one process to the next: weights and optimizer variables agree to
+    # 1e-5 (they are O(0.1); a lost momentum, a repeated epoch or other dropout masks move them by ~1e-3).
     whole = run_cli(*args, "--run-dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     resumed = h5_arrays(run / "checkpoints" / "epoch_0004.weights.h5")

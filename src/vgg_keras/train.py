@@ -340,6 +340,15 @@ def epoch_of(dataset, num_examples, batch_size):
     return dataset.repeat(), math.ceil(num_examples / batch_size)
 
 
+def seed_dropout(model, seed):
+    """Set every dropout layer's seed generator to (seed, its index): the masks of an epoch become a function of
+    `seed` (int), like its augmentation. Keras draws these generators' state at random and does not checkpoint
+    it, so without this a resumed run (or a rerun) would drop other units than the uninterrupted one."""
+    generators = [layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None)]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.array([seed, index], dtype=generator.state.dtype))
+
+
 def learning_rate(model):
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
@@ -392,10 +401,12 @@ def train(cfg, return_model=False):
         print(f"{cfg.run_dir} ended on its plateau after epoch {first_epoch}: finishing it")
         last_epoch = first_epoch
     for epoch in range(first_epoch, last_epoch):
-        # each epoch its own augmentation seed: a resumed run draws what the uninterrupted one would have
+        # each epoch its own augmentation and dropout seed: a resumed run draws what the uninterrupted one would
+        epoch_seed = cfg.seed * 100_003 + epoch
+        seed_dropout(model, epoch_seed)
         train_data, train_steps = epoch_of(
             vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
-                                seed=cfg.seed * 100_003 + epoch),
+                                seed=epoch_seed),
             source.num_examples("train"), cfg.batch_size)
         model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data, validation_steps=val_steps,
                   initial_epoch=epoch, epochs=cfg.epochs, callbacks=callbacks, verbose="auto")
