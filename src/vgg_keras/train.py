@@ -24,7 +24,8 @@ import tensorflow as tf
 from . import data as vdata
 from .configs import check_config
 from .data.stats import IMAGENET_STATS, ColorStats
-from .distribute import distribution_strategy, fix_keras_for_multi_worker, is_chief
+from .distribute import (InputShareLog, WorkerShare, distributed_epoch, distribution_strategy,
+                         fix_keras_for_multi_worker, is_chief, on_chief, sync_from_chief, worker_failures)
 from .machine import cpu_line
 from .model import build_vgg, initialize_from
 from .runs import atomic_path, load_run, write_json_atomic
@@ -177,7 +178,8 @@ class RunDirectory:
                 os.remove(os.path.join(self.checkpoints, old))
 
     def restore_epoch(self, model, state):
-        model.optimizer.build(model.trainable_variables)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(self.checkpoints, state["checkpoint"]))
 
     def _write_csv(self, history):
@@ -328,16 +330,26 @@ def check_arguments(cfg, replicas):
     vdata.check_crop(tuple(cfg.scale), cfg.crop)  # Smin <= Smax, and the crop fits inside Smin
 
 
-def epoch_of(dataset, num_examples, batch_size):
-    """(dataset, steps) for one epoch of `num_examples`: a known length gives Keras a progress bar and all
-    workers the same number of steps (skipped bad files are made up by the repeat)."""
-    options = tf.data.Options()
-    # records are not one file per worker: shard by element
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
-    if not num_examples:
-        return dataset, None
-    return dataset.repeat(), math.ceil(num_examples / batch_size)
+def epoch_of(strategy, make_dataset, num_examples, batch_size):
+    """(distributed dataset, steps) for one epoch of `num_examples` records over all workers.
+
+    make_dataset(input_context, per_replica_batch) builds one input pipeline's (one worker's) batches from its own
+    share of the records (distribute.WorkerShare): each worker reads and decodes only its 1/N. A known length gives
+    Keras a progress bar and every worker the same number of steps, ceil(num_examples / global batch); the repeat
+    makes up for skipped bad files, so that no worker runs out before the others.
+    """
+    def one_pipeline(input_context, per_replica_batch):
+        dataset = make_dataset(input_context, per_replica_batch)
+        return dataset.repeat() if num_examples else dataset
+
+    steps = math.ceil(num_examples / batch_size) if num_examples else None
+    return distributed_epoch(strategy, one_pipeline, batch_size), steps
+
+
+def augmentation_seed(epoch_seed, share):
+    """The seed of a worker's crops, flips and colour shifts: the epoch's seed on a single worker, another one per
+    worker (the records' shuffle keeps the epoch's seed, so that the shares partition the split)."""
+    return epoch_seed if share.count == 1 else epoch_seed * share.count + share.index
 
 
 def seed_dropout(model, seed):
@@ -357,8 +369,9 @@ def learning_rate(model):
 # The entry point
 
 
-def train(cfg, return_model=False):
-    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked)."""
+def train(cfg, return_model=False, extra_callbacks=()):
+    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked).
+    `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one)."""
     print(cpu_line())  # every figure of a run can be traced to its machine
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
@@ -370,46 +383,59 @@ def train(cfg, return_model=False):
     resolved = {**dataclasses.asdict(cfg), "scale": list(cfg.scale), "num_classes": num_classes,
                 "val_q": cfg.val_q, "precision_policy": policy, "replicas": strategy.num_replicas_in_sync}
     run_dir = RunDirectory(cfg.run_dir, is_chief(strategy))
-    state = run_dir.prepare(resolved, source.class_names, stats)
+    # Across workers, the chief's run directory decides (the others need not see it): its checks, its state
+    state = on_chief(strategy, lambda: run_dir.prepare(resolved, source.class_names, stats))
 
     schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
     with strategy.scope():
         model = build_and_compile(cfg, num_classes)
-        if state:
+        model.optimizer.build(model.trainable_variables)
+    # Outside the scope: what only the chief does (load a checkpoint or a source run) must create no variable of
+    # the strategy, since each is a collective that the other workers would not join.
+    if state:
+        if run_dir.is_chief:
             run_dir.restore_epoch(model, state)
-            model.optimizer.learning_rate.assign(state["lr"])
-            schedule.restore(state["schedule"])
-            print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
-        else:
-            copied = start_weights(model, cfg, num_classes)
-            if copied:
-                print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: "
-                      f"{', '.join(copied)}")
+        model.optimizer.learning_rate.assign(state["lr"])
+        schedule.restore(state["schedule"])
+        print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+    elif run_dir.is_chief:
+        copied = start_weights(model, cfg, num_classes)
+        if copied:
+            print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: {', '.join(copied)}")
+    sync_from_chief(strategy, model)  # the chief's weights and optimizer state on every worker
     fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
                                  state["best_top1"] if state else -1.0)
     checkpoint.set_model(model)  # fit sets it too; a resumed run with no epoch left to train only reads it
-    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), OneEpochPerFit()]
+    input_log = InputShareLog()
+    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), OneEpochPerFit(), input_log,
+                 *extra_callbacks]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
-    val_data, val_steps = epoch_of(vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q,
-                                                     stats=stats), source.num_examples("val"), cfg.batch_size)
+    val_data, val_steps = epoch_of(
+        strategy, lambda context, batch: vdata.val_dataset(WorkerShare(source, context), batch, crop=cfg.crop,
+                                                           q=cfg.val_q, stats=stats),
+        source.num_examples("val"), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
     last_epoch = cfg.epochs
     if schedule.ended_on_plateau:  # killed between the plateau's stop and finish(): only finish
         print(f"{cfg.run_dir} ended on its plateau after epoch {first_epoch}: finishing it")
         last_epoch = first_epoch
     for epoch in range(first_epoch, last_epoch):
-        # each epoch its own augmentation and dropout seed: a resumed run draws what the uninterrupted one would
-        epoch_seed = cfg.seed * 100_003 + epoch
-        seed_dropout(model, epoch_seed)
-        train_data, train_steps = epoch_of(
-            vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
-                                seed=epoch_seed),
-            source.num_examples("train"), cfg.batch_size)
-        model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data, validation_steps=val_steps,
-                  initial_epoch=epoch, epochs=cfg.epochs, callbacks=callbacks, verbose="auto")
+        # each epoch its own shuffle, augmentation and dropout seed: a resumed run draws what the uninterrupted one
+        # would have
+        def train_pipeline(context, batch, epoch_seed=cfg.seed * 100_003 + epoch):
+            share = input_log.share(source, context, shuffle_seed=epoch_seed)
+            return vdata.train_dataset(share, batch, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
+                                       seed=augmentation_seed(epoch_seed, share))
+
+        seed_dropout(model, cfg.seed * 100_003 + epoch)
+        train_data, train_steps = epoch_of(strategy, train_pipeline, source.num_examples("train"), cfg.batch_size)
+        with worker_failures(strategy, lambda: len(checkpoint.history) and checkpoint.history[-1]["epoch"]):
+            model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data,
+                      validation_steps=val_steps, initial_epoch=epoch, epochs=cfg.epochs, callbacks=callbacks,
+                      verbose="auto")
         if checkpoint.nan_epoch:
             raise FloatingPointError(
                 f"the loss became NaN in epoch {checkpoint.nan_epoch}; training stopped. The last good checkpoint "
