@@ -96,6 +96,26 @@ def test_a_class_named_train(tmp_path):
     assert load_source(split_layout).layout == "splits"
 
 
+def test_the_layout_flags_reach_training_and_evaluation(tmp_path, monkeypatch):
+    """--layout / --val-labels on `train` are recorded in the run's config, and evaluation reads the data with them
+    (otherwise an ambiguous folder trains as one layout and fails, or evaluates as another)."""
+    from vgg_keras import evaluate, train
+    from vgg_keras.runs import Run
+
+    nested = write_files(tmp_path / "nested", good_images(("bus", "car"), 2)
+                         | good_images(("electric", "steam"), 1, prefix="train/"))
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("cfg", cfg) and {
+        "history": [], "epoch": 0, "best_top1": 0.0})
+    assert cli.main(["train", "--config", "A", "--data", str(nested), "--run-dir", str(tmp_path / "run"),
+                     "--layout", "classes", "--val-labels", "labels.csv"]) is None
+    assert (seen["cfg"].layout, seen["cfg"].val_labels) == ("classes", "labels.csv")
+    run = Run(path="run", model=None, class_names=[], stats=None, scale=(40, 48), crop=32,
+              config={"data": str(nested), "layout": "classes", "val_fraction": 0.0})
+    _, source = evaluate.load_eval_source(run)
+    assert source.class_names == ["bus", "car", "train"]
+
+
 def test_links_and_nested_folders_use_each_image_once(tmp_path):
     root = write_files(tmp_path / "data", good_images(("a", "b"), 2) | {"a/deeper/more.jpg": encode(noise(40, 40))})
     elsewhere = write_files(tmp_path / "elsewhere", {"c1.jpg": encode(noise(30, 30, seed=5))})

@@ -47,6 +47,7 @@ def cmd_train(args):
         dropout=args.dropout, init=args.init, init_std=args.init_std, init_from=args.init_from,
         finetune_from=args.finetune_from, plateau_patience=args.plateau_patience, stats=args.stats,
         val_fraction=args.val_fraction, mixed_precision=args.mixed_precision, xla=args.xla, seed=args.seed,
+        layout=args.layout, val_labels=args.val_labels,
     )
     state = train(cfg)
     last = state["history"][-1] if state["history"] else {}
@@ -212,10 +213,8 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a configuration with the paper's recipe (resumes an unfinished run)")
     p.add_argument("--config", default="A", help="A, A-LRN, B, C, D or E (default A)")
-    p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
+    _add_data_flags(p, seed_help="seed of the validation split, the initialisation and the augmentation")
     p.add_argument("--run-dir", required=True, help="where checkpoints, logs and the best model go")
-    p.add_argument("--data-dir", help="TFDS data directory")
-    p.add_argument("--manual-dir", help="TFDS manual directory (imagenet2012: the ILSVRC tars)")
     p.add_argument("--scale", default="256", help="training scale S: 256 (fixed) or 256:512 (jittered)")
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--epochs", type=int, default=74)
@@ -229,11 +228,9 @@ def build_parser():
     p.add_argument("--finetune-from", metavar="RUN", help="start from all weights of a run of the same config")
     p.add_argument("--plateau-patience", type=int, default=2, help="epochs without progress before lr / 10")
     p.add_argument("--stats", help="colour statistics JSON from `vgg-keras stats` (default: ImageNet's)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
     p.add_argument("--mixed-precision", action="store_true", help="float16 on GPUs (bfloat16 on CPU/TPU)")
     p.add_argument("--xla", action="store_true", help="jit-compile the train step (Keras disables 'auto' "
                    "under tf.distribute)")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="TF Serving SavedModel doing dense evaluation, as saved_models/NAME/<version>")

@@ -537,7 +537,7 @@ def _report(members, method, flip, softmax_first, grid, ranks, seconds, skipped)
 
 
 # What training records beside "data" that selects the same examples again (a held-out split included).
-RECORDED_DATA_OPTIONS = ("data_dir", "manual_dir", "val_fraction", "seed")
+RECORDED_DATA_OPTIONS = ("data_dir", "manual_dir", "val_fraction", "seed", "layout", "val_labels")
 
 
 def load_eval_source(run, data=None):

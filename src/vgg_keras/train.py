@@ -56,6 +56,8 @@ class TrainConfig:
     max_lr_reductions: int = 3  # the paper decreased it 3 times; the next plateau ends training
     stats: str | None = None  # ColorStats JSON from `vgg-keras stats`; None: ImageNet's
     val_fraction: float = 0.1
+    layout: str = "auto"  # class folders: "classes", "splits" or "auto" (see data/sources.py)
+    val_labels: str | None = None  # labels of a flat val/ folder (LOC_val_solution.csv or file,label rows)
     mixed_precision: bool = False
     xla: bool = False
     seed: int = 0
@@ -377,7 +379,8 @@ def train(cfg, return_model=False, extra_callbacks=()):
     strategy = distribution_strategy()
     check_arguments(cfg, strategy.num_replicas_in_sync)
     source = vdata.load_source(cfg.data, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
-                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+                               val_fraction=cfg.val_fraction, seed=cfg.seed, layout=cfg.layout,
+                               val_labels=cfg.val_labels)
     stats = ColorStats.from_json(cfg.stats) if cfg.stats else IMAGENET_STATS
     num_classes = len(source.class_names)
     resolved = {**dataclasses.asdict(cfg), "scale": list(cfg.scale), "num_classes": num_classes,
