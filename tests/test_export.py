@@ -2,7 +2,6 @@
 models.config, bad requests, atomic versions, and `vgg-keras predict`."""
 
 import io
-import json
 import os
 import pathlib
 import subprocess

@@ -3,7 +3,6 @@ records, a lost worker stops the others with a message that names it, and a rest
 
 import csv
 import json
-import os
 import re
 import signal
 import socket

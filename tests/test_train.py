@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 import vgg_keras
-from vgg_keras import train as train_module
 from vgg_keras.train import PlateauSchedule, RunDirectory, TrainConfig, check_arguments, start_weights, train
 
 from conftest import make_run_dir

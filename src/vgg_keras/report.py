@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .runs import write_json_atomic
+from .runs import write_json_atomic, write_text_atomic
 
 TABLE_COLUMNS = (("config", "config"), ("train_scale", "train S"), ("test_scales", "test Q"), ("method", "method"),
                  ("top1_error", "top-1 err. (%)"), ("top5_error", "top-5 err. (%)"))
@@ -71,8 +71,7 @@ def write_report(report, out):
     """Write `report` to `out` (JSON) and its markdown table beside it; returns both paths."""
     json_path, markdown_path = report_paths(out)
     write_json_atomic(json_path, report)
-    with open(markdown_path, "w") as f:
-        f.write(markdown_table(report))
+    write_text_atomic(markdown_path, markdown_table(report))
     return json_path, markdown_path
 
 

@@ -868,7 +868,7 @@ def plot_table(table, number, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .runs import atomic_path
+    from .runs import save_figure
 
     rows = table["rows"]
     labels = [f"{r['config']} {r['train_scale']}\n{METHOD_NAMES[r['method']]} Q={','.join(map(str, r['test_scales']))}"
@@ -888,20 +888,17 @@ def plot_table(table, number, path):
         ax.set_title(f"Table {number} ({table['title']}): {key[:3]}-{key[3:]} error", fontsize=10)
         ax.legend(loc="upper right", ncols=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_tables(report, runs_dir):
     """RUNS/tables.json, tables.md and tableN.png, each written to a temporary name and renamed."""
-    from .runs import atomic_path, write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     os.makedirs(runs_dir, exist_ok=True)
     paths = [os.path.join(runs_dir, "tables.json"), os.path.join(runs_dir, "tables.md")]
     write_json_atomic(paths[0], report)
-    with atomic_path(paths[1]) as tmp, open(tmp, "w") as f:
-        f.write(report_markdown(report))
+    write_text_atomic(paths[1], report_markdown(report))
     for number, table in report["tables"].items():
         paths.append(os.path.join(runs_dir, f"table{number}.png"))
         plot_table(table, number, paths[-1])

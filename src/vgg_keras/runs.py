@@ -47,6 +47,20 @@ def write_json_atomic(path, data):
         json.dump(data, f, indent=2)
 
 
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure as PNG at `path` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def load_run(path, which="best"):
     """Load a run directory (its `<which>.keras`: `best.keras`, the only model file training writes) or a bare
     `.keras` model file."""

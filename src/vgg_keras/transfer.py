@@ -25,7 +25,7 @@ from sklearn.svm import LinearSVC
 
 from .features import extract_features, load_features
 from .report import format_test_scales, report_paths
-from .runs import atomic_path, write_json_atomic
+from .runs import save_figure, write_json_atomic, write_text_atomic
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 HOLDOUT_FRACTION = 0.2  # of the training set, to choose C (the paper's 20 %)
@@ -341,9 +341,7 @@ def plot_per_class(report, path):
     ax.set_title(f"{report['method']} on {report['data']}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_transfer_report(report, out):
@@ -351,8 +349,7 @@ def write_transfer_report(report, out):
     json_path, markdown_path = report_paths(out)
     png_path = os.path.splitext(out)[0] + ".png"
     write_json_atomic(json_path, json.loads(json.dumps(report, default=_json_default)))
-    with atomic_path(markdown_path) as tmp, open(tmp, "w") as f:
-        f.write(markdown_table(report))
+    write_text_atomic(markdown_path, markdown_table(report))
     plot_per_class(report, png_path)
     return json_path, markdown_path, png_path
 
