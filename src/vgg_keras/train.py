@@ -189,12 +189,13 @@ class RunDirectory:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch with a finite loss: checkpoint, state, log, and best.keras when val top-1 improved."""
+    """After each epoch with a finite loss: checkpoint, state, log, and best.keras when the monitored validation
+    metric (val top-1; the task's `monitor`) improved. `best_top1` holds that metric's best value."""
 
-    def __init__(self, run_dir, schedule, history, best_top1):
+    def __init__(self, run_dir, schedule, history, best_top1, monitor="val_top1"):
         super().__init__()
         self.run_dir, self.schedule, self.history, self.best_top1 = run_dir, schedule, history, best_top1
-        self.nan_epoch = None
+        self.monitor, self.nan_epoch = monitor, None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -204,8 +205,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in sorted(logs.items())}}
         self.history.append(row)
-        if logs.get("val_top1", -1) > self.best_top1:
-            self.best_top1 = logs["val_top1"]
+        if logs.get(self.monitor, -1) > self.best_top1:
+            self.best_top1 = logs[self.monitor]
             self.run_dir.save_model(self.model, "best.keras")
         self.run_dir.save_epoch(self.model, epoch, self.state(epoch + 1))
 
@@ -215,22 +216,24 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 def plot_history(history, path):
-    """history.png: loss, top-1, top-5 and learning rate per epoch."""
+    """history.png: each logged quantity (loss, top-1, top-5; a localisation run's IoU) and the learning rate per
+    epoch, training and validation in one panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ("loss", "top1", "top5", "lr")):
+    keys = sorted({k.removeprefix("val_") for k in (history[0] if history else {})} - {"epoch", "lr"}) or ["loss"]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * len(keys) + 4, 3.5))
+    for ax, key in zip(axes, keys + ["lr"]):
         for prefix, style in (("", "-"), ("val_", "--")):
             if prefix + key in (history[0] if history else {}):
                 ax.plot(epochs, [row[prefix + key] for row in history], style, label=prefix + key)
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
-    axes[3].set_yscale("log")
+    axes[-1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -326,12 +329,36 @@ def learning_rate(model):
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
+class ClassificationTask:
+    """What `train` trains: the model, the start weights, the datasets and the validation metric that picks
+    best.keras and drives the plateau schedule. Localisation supplies another (localisation.LocalisationTask)."""
+
+    monitor = "val_top1"
+
+    def build(self, cfg, num_classes):
+        return build_and_compile(cfg, num_classes)
+
+    def start_weights(self, model, cfg, num_classes):
+        return start_weights(model, cfg, num_classes)
+
+    def train_dataset(self, source, cfg, stats, seed):
+        """(batches, examples per epoch) of one epoch drawn with `seed`."""
+        return (vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
+                                    seed=seed), source.num_examples("train"))
+
+    def val_dataset(self, source, cfg, stats):
+        return (vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q, stats=stats),
+                source.num_examples("val"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The entry point
 
 
-def train(cfg, return_model=False):
-    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked)."""
+def train(cfg, return_model=False, task=None):
+    """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked).
+    `task`: what to train (default `ClassificationTask()`)."""
+    task = task or ClassificationTask()
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
     check_arguments(cfg, strategy.num_replicas_in_sync)
@@ -344,35 +371,32 @@ def train(cfg, return_model=False):
     run_dir = RunDirectory(cfg.run_dir, is_chief(strategy))
     state = run_dir.prepare(resolved, source.class_names, stats)
 
-    schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
+    schedule = PlateauSchedule(monitor=task.monitor, patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
     with strategy.scope():
-        model = build_and_compile(cfg, num_classes)
+        model = task.build(cfg, num_classes)
         if state:
             run_dir.restore_epoch(model, state)
             model.optimizer.learning_rate.assign(state["lr"])
             schedule.restore(state["schedule"])
             print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
         else:
-            copied = start_weights(model, cfg, num_classes)
+            copied = task.start_weights(model, cfg, num_classes)
             if copied:
                 print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: "
                       f"{', '.join(copied)}")
     fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
-                                 state["best_top1"] if state else -1.0)
+                                 state["best_top1"] if state else -1.0, task.monitor)
     callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN()]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
-    val_data, val_steps = epoch_of(vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q,
-                                                     stats=stats), source.num_examples("val"), cfg.batch_size)
+    val_data, val_steps = epoch_of(*task.val_dataset(source, cfg, stats), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
     for epoch in range(first_epoch, cfg.epochs):
         # each epoch its own augmentation seed: a resumed run draws what the uninterrupted one would have
-        train_data, train_steps = epoch_of(
-            vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
-                                seed=cfg.seed * 100_003 + epoch),
-            source.num_examples("train"), cfg.batch_size)
+        train_data, train_steps = epoch_of(*task.train_dataset(source, cfg, stats, cfg.seed * 100_003 + epoch),
+                                           cfg.batch_size)
         model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data, validation_steps=val_steps,
                   initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, verbose="auto")
         if checkpoint.nan_epoch:
