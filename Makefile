@@ -46,7 +46,7 @@ train: install $(if $(DATA),,demo-data)
 
 # Exports the newest runs/*/best.keras as saved_models/NAME/<next version> (NAME default: vgg_<config>).
 # Override: make export RUN=runs/x NAME=y SCALES=256,384,512
-RUN ?= $(patsubst %/best.keras,%,$(firstword $(shell ls -t runs/*/best.keras 2>/dev/null)))
+RUN ?= $(patsubst %/best.keras,%,$(firstword $(filter-out runs/loc-%,$(shell ls -t runs/*/best.keras 2>/dev/null))))
 export: install
 	@test -n "$(RUN)" || { echo "make export: no runs/*/best.keras to export; train first or pass RUN=<run dir>" >&2; exit 2; }
 	$(CLI) export --model $(RUN) $(if $(NAME),--name $(NAME)) $(if $(SCALES),--scales $(SCALES))
