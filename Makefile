@@ -78,7 +78,7 @@ eval-fusion: install
 LOC_FROM ?= $(patsubst %/best.keras,%,$(firstword $(shell ls -t runs/demo-*/best.keras 2>/dev/null)))
 LOC_RUN ?= runs/loc-$(notdir $(LOC_FROM))
 BOXES ?= $(DEMO_DATA)/annotations.json
-LOC_DEMO_FLAGS := --epochs 8 --lr 0.01 --plateau-patience 3
+LOC_DEMO_FLAGS := --epochs 5 --lr 0.01 --plateau-patience 3
 train-loc: install demo-data
 	@test -n "$(LOC_FROM)" || { echo "make train-loc: no runs/demo-*/best.keras to start from; run make train first or pass LOC_FROM=<run dir>" >&2; exit 2; }
 	$(CLI) train-localisation --from $(LOC_FROM) --boxes $(BOXES) --run-dir $(LOC_RUN) \
