@@ -433,11 +433,14 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
         if list(cls_run.class_names) != list(first.class_names):
             raise ValueError(f"--classifier {classifier}: its classes are not those of {first.path}")
         scorer, cls_scales = ModelScorer.from_run(cls_run), test_scales(cls_run.scale)
-    records = BoxedRecords(source, box_set).records(split)
+    boxed = BoxedRecords(source, box_set)
+    records, total = boxed.records(split), boxed.num_examples(split)
     if limit:
-        records = records.take(limit)
+        records, total = records.take(limit), min(limit, total)
+    every = max(1, total // FIGURE_IMAGES)  # the figure's images spread over the split (records come by class)
     rows, shown, start = [], [], time.perf_counter()
-    for record in tqdm(records, unit="img", disable=not progress, desc=f"localisation ({protocol})"):
+    for index, record in enumerate(tqdm(records, total=total, unit="img", disable=not progress,
+                                        desc=f"localisation ({protocol})")):
         file_id = record["id"].numpy().decode("utf-8", "replace")
         if int(bad_file_reason(record["image"])) != OK:
             SKIPPED.add(file_id, "undecodable (see vgg-keras check-data)")
@@ -459,7 +462,7 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
         if guesses:
             row["errors"] = localisation_errors(guesses, boxes_of, gt_labels, gt_boxes)
         rows.append(row)
-        if figure and len(shown) < FIGURE_IMAGES:
+        if figure and len(shown) < FIGURE_IMAGES and index % every == 0:
             shown.append((decode_rgb(record["image"]).numpy().astype(np.uint8), row))
     if not rows:
         raise ValueError(f"no image of the {split} split of {spec} has boxes in {box_set.path}")
@@ -531,7 +534,8 @@ FIGURE_IMAGES = 8
 
 def plot_boxes(shown, class_names, path):
     """A PNG of images with their ground-truth boxes (green) and the top guess's box (red; the GT class's box
-    when there are no guesses), titled with the guess and its IoU."""
+    when there are no guesses), titled with the guess, the true class and the box's best IoU with a ground-truth
+    box (whatever the class: a right box under a wrong guess still counts as a top-1 error)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,8 +554,9 @@ def plot_boxes(shown, class_names, path):
         guess = row["guesses"][0] if row["guesses"] else row["label"]
         box = row["boxes"][guess]
         ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, color="red", lw=2))
-        overlap = float(np.max(vboxes.iou(box, row["gt_boxes"]), initial=0.0)) if guess in row["gt_labels"] else 0.0
-        ax.set_title(f"{class_names[guess]} (GT {class_names[row['label']]}), IoU {overlap:.2f}", fontsize=8)
+        overlap = float(np.max(vboxes.iou(box, row["gt_boxes"]), initial=0.0))
+        ax.set_title(f"{class_names[guess]} (GT {class_names[row['label']]}), IoU {overlap:.2f}", fontsize=8,
+                     color="black" if guess == row["label"] else "red")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
