@@ -89,3 +89,25 @@ eval-loc: install
 		--out $(LOC_RUN)/eval-loc-center.json --figure $(LOC_RUN)/eval-loc-center.png
 	$(CLI) eval-localisation --model $(LOC_RUN) --classifier $(LOC_FROM) --protocol dense \
 		--out $(LOC_RUN)/eval-loc-dense.json --figure $(LOC_RUN)/eval-loc-dense.png
+
+# The paper's Tables 3-6 as one resumable plan (src/vgg_keras/reproduce.py). Without DATA: pipelines/demo.toml on the
+# demo data (A, A-LRN, B, D and D fine-tuned at S/7, 2 epochs each) into runs/demo-paper; with DATA=...: the whole
+# pipelines/paper.toml (a GPU's work) into runs/paper. TABLES=3,4 SHRINK=7 choose; PLAN=, RUNS=, REPRODUCE_FLAGS=
+# ("--only D-384 --epochs 10 --dry-run") pass the rest. Interrupt it and run it again: it continues.
+.PHONY: reproduce
+PLAN ?= $(if $(DATA),pipelines/paper.toml,pipelines/demo.toml)
+RUNS ?= $(if $(DATA),runs/paper,runs/demo-paper)
+reproduce: install $(if $(DATA),,demo-data)
+	$(CLI) reproduce --plan $(PLAN) --data $(TRAIN_DATA) --runs-dir $(RUNS) $(if $(TABLES),--tables $(TABLES)) \
+		$(if $(SHRINK),--shrink $(SHRINK)) $(REPRODUCE_FLAGS)
+
+# Transfer (PAPER.md section 6): features of MODELS (default: the newest run) on DATA=... (required), then the
+# linear SVM; features and report in runs/transfer/ (FEATURE_FLAGS="--combine stack --scales 256,384,512",
+# TRANSFER_FLAGS="--splits 3 --train-per-class 30" for the Caltech protocol).
+.PHONY: transfer
+transfer: install
+	@test -n "$(DATA)" || { echo "make transfer: pass DATA=<data set to transfer to>" >&2; exit 2; }
+	@test -n "$(MODELS)" || { echo "make transfer: no runs/*/best.keras; train first or pass MODELS=<runs>" >&2; exit 2; }
+	mkdir -p runs/transfer
+	$(CLI) transfer $(foreach m,$(MODELS),--model $(m)) --data $(DATA) --features-train runs/transfer/features-train.npz \
+		--features-val runs/transfer/features-val.npz --out runs/transfer/transfer.json $(FEATURE_FLAGS) $(TRANSFER_FLAGS)

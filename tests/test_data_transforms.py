@@ -175,3 +175,43 @@ def test_val_dataset_centre_crops_every_image_in_order():
     images, labels = batches(val_dataset(BytesSource(items), 2, crop=32, q=40, stats=ZERO_MEAN))
     assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 0, 1, 0]
     np.testing.assert_allclose(images.mean((1, 2, 3)), [0, 20, 40, 60, 80], atol=1e-3)
+
+
+def smooth_photo(height, width, seed):
+    """A photo-like uint8 image: random colours at 1/16 resolution, bilinearly enlarged (JPEG keeps it well)."""
+    coarse = np.random.default_rng(seed).uniform(0, 255, (height // 16 + 2, width // 16 + 2, 3)).astype(np.float32)
+    return tf.cast(tf.image.resize(coarse, [height, width]), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize("shape, scale, crop", [((300, 400), (64, 96), 48),   # windows decoded at 1/2 and 1/4 scale
+                                               ((90, 70), (48, 64), 48),     # upscaled: full-scale windows
+                                               ((240, 180), (60, 60), 32)])  # windows 3-4x the crop: 1/2, 1/1
+def test_training_crops_match_the_specified_transform_for_a_seed(shape, scale, crop):
+    """Each training crop of a fixed seed against the transform as specified, computed independently here from the
+    seed's choices (S, position, mirror, colour offset): the whole image decoded and rescaled to S (antialiased),
+    the crop sliced at the chosen offset, mirrored, shifted by the colour offset minus the mean. Closer than the
+    same reference shifted by one pixel (the window decode is within resize rounding of it, not bit-equal), so a
+    crop moved, a scale, flip or colour shift changed, or two images' choices swapped, fails; a faster decode or
+    resize that keeps the transform passes."""
+    stats = ColorStats(mean_rgb=(120.0, 110.0, 100.0), eigenvalues=(4.0, 1.0, 0.5),  # colour offsets of ~50
+                       eigenvectors=ZERO_MEAN.eigenvectors)
+    n = 12
+    items = [(encode(smooth_photo(*shape, seed=i), quality=95), 0, f"f{i}") for i in range(n)]
+    images, _ = batches(train_dataset(BytesSource(items), n, scale=scale, crop=crop, stats=stats, seed=5,
+                                      shuffle=False))
+    sides, positions, mirrors, offsets = choices(n, scale, stats, seed=5)
+    assert 0 < mirrors.sum() < n and np.abs(offsets).max() > 20
+    for i, (data, _, _) in enumerate(items):
+        rescaled = rescale(decode_rgb(data), int(sides[i])).numpy()
+        room = np.array(rescaled.shape[:2]) - crop
+        top, left = np.minimum((positions[i] * (room + 1)).astype(int), room)
+
+        def reference(top, left):
+            window = rescaled[top:top + crop, left:left + crop]
+            return (window[:, ::-1] if mirrors[i] else window) + offsets[i] - np.array(stats.mean_rgb)
+
+        error = np.abs(images[i] - reference(top, left)).mean()
+        shifted = reference(top + 1 if top < room[0] else top - 1, left + 1 if left < room[1] else left - 1)
+        assert error < 0.8 * np.abs(shifted - reference(top, left)).mean(), (i, error)
+        # JPEG decoding at a reduced DCT scale moves channel means by ~1; a colour offset lost or changed, by ~50
+        assert np.abs((images[i] - reference(top, left)).mean((0, 1))).max() < 2.5, (i, offsets[i])

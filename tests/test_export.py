@@ -2,6 +2,7 @@
 models.config, bad requests, atomic versions, and `vgg-keras predict`."""
 
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 import tensorflow as tf
 from conftest import make_run_dir
 from PIL import Image
+from test_evaluate import BANNER, BOUND, NORMAL, PHOTO, decode_allowance_mib, dense_net_allowance_mib, peaks_mib, \
+    synthetic_jpeg
 
 import vgg_keras
 from vgg_keras import cli
@@ -47,8 +50,8 @@ def loaded(exported):
 
 
 @pytest.fixture
-def jpeg(imagenet_samples):
-    return imagenet_samples[0].read_bytes()
+def jpeg():
+    return synthetic_jpeg(75, 100)
 
 
 def saved_model_cli(*args):
@@ -115,8 +118,8 @@ def test_session_loader_runs_both_signatures_as_dense_evaluation(exported, jpeg,
         check_outputs(outputs, run.class_names, expected[None])
 
 
-def test_images_of_different_sizes_share_a_request(loaded, imagenet_samples):
-    files = [path.read_bytes() for path in imagenet_samples[:3]]
+def test_images_of_different_sizes_share_a_request(loaded):
+    files = [synthetic_jpeg(*size, seed) for seed, size in enumerate([(75, 100), (64, 48), (40, 90)])]
     sizes = {tuple(decode_rgb(data).shape) for data in files}
     assert len(sizes) > 1, "pick samples of different sizes"
     classify = loaded.signatures[BYTES_SIGNATURE]
@@ -126,11 +129,12 @@ def test_images_of_different_sizes_share_a_request(loaded, imagenet_samples):
     np.testing.assert_allclose(batch.sum(axis=-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "GIF", "BMP"])
-def test_png_gif_and_bmp_are_decoded(loaded, rng, fmt):
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "BMP", "WEBP"])
+def test_png_gif_bmp_and_webp_are_decoded(loaded, rng, fmt):
     frames = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format=fmt, **({"save_all": True, "append_images": frames[1:]} if fmt == "GIF" else {}))
+    options = {"GIF": {"save_all": True, "append_images": frames[1:]}, "WEBP": {"lossless": True}}.get(fmt, {})
+    frames[0].save(buffer, format=fmt, **options)
     data = buffer.getvalue()
     first_frame = tf.io.decode_image(data, channels=3, expand_animations=False)  # a GIF's first frame
     from_bytes = loaded.signatures[BYTES_SIGNATURE](image_bytes=tf.constant([data]))["probabilities"]
@@ -260,8 +264,11 @@ def test_mixed_precision_model_is_exported_in_float32():
     assert export_module.as_float32(exact) is exact
 
 
-def test_predict_command_answers_good_images_and_names_bad_ones(exported, loaded, imagenet_samples, tmp_path):
-    good = [str(path) for path in imagenet_samples[:2]]
+def test_predict_command_answers_good_images_and_names_bad_ones(exported, loaded, tmp_path):
+    good = [tmp_path / "wide.jpg", tmp_path / "tall.jpg"]
+    for seed, (path, size) in enumerate(zip(good, [(60, 90), (80, 50)])):
+        path.write_bytes(synthetic_jpeg(*size, seed))
+    good = [str(path) for path in good]
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     missing = tmp_path / "missing.jpg"
@@ -284,3 +291,110 @@ def test_predict_refuses_a_missing_version_and_a_larger_top_k(exported):
         predict(str(exported.model_dir), [], top_k=3)
     with pytest.raises(FileNotFoundError, match="no version folder"):
         predict(str(exported.out), [])
+
+
+def test_predict_version_flag_picks_the_version(exported, jpeg, tmp_path, capsys):
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(jpeg)
+    printed = io.StringIO()
+    assert predict(str(exported.model_dir), [str(image)], version=1, out=printed) == 0
+    assert printed.getvalue().splitlines()[0] == str(image) and len(printed.getvalue().splitlines()) == TOP_K + 1
+    # the command line passes --version through: a missing one is refused by name
+    assert cli.main(["predict", "--saved-model", str(exported.model_dir), "--version", "7", str(image)]) == 2
+    assert f"vgg-keras predict: error: --version 7: {exported.model_dir} holds versions 1" in capsys.readouterr().err
+
+
+def test_models_config_lists_several_models_and_their_versions(tmp_path):
+    out = tmp_path / "saved_models"
+    runs = {"a": make_run_dir(tmp_path / "a"), "b": make_run_dir(tmp_path / "b", num_classes=4, seed=1)}
+    for name in ("b", "a", "b"):  # b exported twice: one entry, two versions
+        export(str(runs[name]), name, scales=(32,), out=str(out))
+    entries = read_models_config(out)
+    assert list(entries) == ["a", "b"]
+    assert {name: entry.base_path for name, entry in entries.items()} == {
+        name: str((out / name).resolve()) for name in ("a", "b")}
+    assert versions(out / "a") == [1] and versions(out / "b") == [1, 2]
+    classify = tf.saved_model.load(str(out / "b" / "2")).signatures[BYTES_SIGNATURE]
+    assert classify(image_bytes=tf.constant([synthetic_jpeg(40, 50)]))["probabilities"].shape == (1, 4)
+
+
+def test_a_bare_keras_file_and_a_linear_last_layer_export(tmp_path, jpeg):
+    model = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), init="glorot", seed=3,
+                                classifier_activation=None)
+    model.save(tmp_path / "bare.keras")
+    with pytest.raises(ValueError, match="pass --scales"):
+        export(str(tmp_path / "bare.keras"), "bare", out=str(tmp_path / "out"))
+    version = export(str(tmp_path / "bare.keras"), "bare", scales=(40,), out=str(tmp_path / "out"))
+    outputs = tf.saved_model.load(version).signatures[BYTES_SIGNATURE](image_bytes=tf.constant([jpeg]))
+    run = load_run(str(tmp_path / "bare.keras"))
+    assert run.class_names == ["0", "1", "2"]
+    expected = direct_dense_posteriors(run, decode_rgb(jpeg), (40,))
+    np.testing.assert_allclose(outputs["probabilities"].numpy()[0], expected, atol=1e-5)
+    assert [label.decode() for label in outputs["labels"].numpy()[0]] == [str(i) for i in np.argsort(-expected)[:3]]
+
+
+def test_a_mixed_precision_run_exports_the_float32_posteriors(tmp_path, jpeg):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # what --mixed-precision picks on a CPU
+    try:
+        run_dir = make_run_dir(tmp_path / "mixed", config="A-LRN")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    run = load_run(str(run_dir))
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in run.model.layers}  # saved and loaded so
+    version = export(str(run_dir), "mixed", scales=(40, 48), out=str(tmp_path / "out"))
+    outputs = tf.saved_model.load(version).signatures[BYTES_SIGNATURE](image_bytes=tf.constant([jpeg]))
+    exact = export_module.as_float32(run.model)  # the same weights in float32
+    expected = direct_dense_posteriors(types.SimpleNamespace(model=exact, stats=run.stats), decode_rgb(jpeg), (40, 48))
+    np.testing.assert_allclose(outputs["probabilities"].numpy()[0], expected, atol=1e-5)
+
+
+# Both requests through TF1's session loader (what `saved_model_cli run` and TF Serving use), in one fresh process.
+SERVING_STEPS = """
+import json, resource, sys
+import numpy as np
+import vgg_keras
+import tensorflow as tf
+version, requests = json.loads(sys.argv[1])
+with tf.compat.v1.Session(graph=tf.Graph()) as session:
+    meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], version)
+    signature = meta.signature_def["serving_default"]
+    feed = signature.inputs["image_bytes"].name
+    fetch = signature.outputs["probabilities"].name
+    for paths in requests:
+        answer = session.run(fetch, {feed: [open(path, "rb").read() for path in paths]})
+        print("probabilities", json.dumps(answer.tolist()))
+        print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def test_serving_bounds_the_memory_of_a_banner_and_a_large_photo(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    out = tmp_path / "saved_models"
+    assert not cli.main(["export", "--model", str(run), "--name", "bounded", "--scales", "64", "--max-pixels",
+                         str(BOUND), "--out", str(out)])
+    version = out / "bounded" / "1"
+    files = {name: tmp_path / f"{name}.jpg" for name in ("banner", "photo", "normal")}
+    for seed, (name, size) in enumerate(zip(files, (BANNER, PHOTO, NORMAL))):
+        files[name].write_bytes(synthetic_jpeg(*size, seed))
+    request = [str(files[name]) for name in ("banner", "photo", "normal")]
+
+    # One request with the three images: every one answered, the normal one as alone, through saved_model_cli.
+    outputs = session_run(version, BYTES_SIGNATURE, "image_bytes",
+                          np.array([files[name].read_bytes() for name in ("banner", "photo", "normal")],
+                                   dtype=object), tmp_path)
+    assert outputs["probabilities"].shape == (3, 3)
+    np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+
+    peaks = peaks_mib(SERVING_STEPS, [str(version), [[str(files["normal"])], request]])
+    allowed = decode_allowance_mib(*PHOTO) + dense_net_allowance_mib(BOUND) + 150  # + noise of the allocator
+    assert peaks[1] - peaks[0] < allowed, (peaks, allowed)  # measured: ~100 MiB; unbounded the banner alone ~1.6 GiB
+
+    run = load_run(str(run))
+    alone = dense_scores(ModelScorer.from_run(run), decode_rgb(files["normal"].read_bytes()), (64,))
+    np.testing.assert_allclose(outputs["probabilities"][2], alone, atol=1e-5)
+    # and the banner and the photo exactly as `vgg-keras eval` evaluates them under the same bound
+    bounded = ModelScorer.from_run(run, max_pixels=BOUND)
+    for row, name in enumerate(("banner", "photo")):
+        expected = dense_scores(bounded, decode_rgb(files[name].read_bytes()), (64,))
+        np.testing.assert_allclose(outputs["probabilities"][row], expected, atol=1e-5)

@@ -95,12 +95,7 @@ def test_dense_box_at_the_crop_size_equals_the_fc_nets(tmp_path):
 
 def test_dense_boxes_are_offset_by_32_pixels_per_location(tmp_path):
     """A net whose predictions are a constant box: every location's box is that box in its own window."""
-    model = loc.build_localisation_model(_cfg(regression="single-class"), num_classes=3)
-    kernel, bias = model.get_layer("predictions").get_weights()
-    model.get_layer("predictions").set_weights([np.zeros_like(kernel), np.array([0.5, 0.5, 0.5, 0.25], "float32")])
-    run_dir = make_run_dir(tmp_path / "loc", num_classes=3, crop=32, scale=(32, 32))
-    model.save(run_dir / "best.keras")
-    member = loc.load_members([str(run_dir)], "dense", scales=(64,))[0]
+    member = _constant_box_member(tmp_path)
     image = tf.zeros([32, 48, 3])  # rescaled to 64 x 96: a 2 x 3 map; pixels per image pixel 2
     boxes = loc.dense_box_maps(member, image, flip=True)[0].reshape(2, 2, 3, 4)
     # location (i, j): window at (32 i, 32 j) of the rescaled image, box [8, 12, 24, 20] in it; /2 to the image
@@ -110,6 +105,47 @@ def test_dense_boxes_are_offset_by_32_pixels_per_location(tmp_path):
                                                                   32 * i + 20]) / 2, atol=1e-4)
     # the mirror's location j is the window at 96 - 32 (j + 1) of the unmirrored image
     np.testing.assert_allclose(boxes[1, 0, 0], np.array([96 - 24, 12, 96 - 8, 20]) / 2, atol=1e-4)
+
+
+def _constant_box_member(tmp_path, box=(0.5, 0.5, 0.5, 0.25), scales=(64,)):
+    """A single-class net whose every location predicts `box` (cx, cy, w, h in crop units) in its own window."""
+    model = loc.build_localisation_model(_cfg(regression="single-class"), num_classes=3)
+    kernel, _ = model.get_layer("predictions").get_weights()
+    model.get_layer("predictions").set_weights([np.zeros_like(kernel), np.array(box, "float32")])
+    run_dir = make_run_dir(tmp_path / "loc", num_classes=3, crop=32, scale=(32, 32))
+    model.save(run_dir / "best.keras")
+    return loc.load_members([str(run_dir)], "dense", scales=scales)[0]
+
+
+def test_dense_boxes_of_a_bounded_view_map_back_into_the_image(tmp_path):
+    """--max-pixels: a banner is evaluated on its central window, a large image at a smaller Q
+    (`evaluate.bounded_view`); every box still lands where its location looked, inside the image."""
+    from vgg_keras.evaluate import bounded_view
+
+    member = _constant_box_member(tmp_path, scales=(32,))
+    banner = tf.zeros([32, 320, 3])  # at Q = 32: 32 x 320 > 3072 pixels; the central 32 x 96 window is seen
+    _, size, window = (np.asarray(v) for v in bounded_view(32, 320, 32, 32, 3072))
+    assert list(size) == [32, 320] and list(window) == [0, 112, 32, 96]
+    boxes = loc.dense_box_maps(member, banner, flip=True, max_pixels=3072)[0].reshape(2, 3, 4)
+    for j in range(3):  # box [8, 12, 24, 20] in the patch at (0, 112 + 32 j); the mirror's within the window
+        np.testing.assert_allclose(boxes[0, j], [112 + 32 * j + 8, 12, 112 + 32 * j + 24, 20], atol=1e-4)
+        np.testing.assert_allclose(boxes[1, j], [112 + 96 - 32 * j - 24, 12, 112 + 96 - 32 * j - 8, 20], atol=1e-4)
+    assert boxes[..., [0, 2]].min() >= 0 and boxes[..., [0, 2]].max() <= 320 and boxes[..., [1, 3]].max() <= 32
+    # a 32 x 48 image at Q = 64 within 2000 pixels: rescaled to 36 x 54 (one location), scaled back by 32 / 36
+    assert list(np.asarray(bounded_view(32, 48, 64, 32, 2000)[1])) == [36, 54]
+    small = loc.dense_box_maps(_constant_box_member(tmp_path / "q"), tf.zeros([32, 48, 3]), flip=False,
+                               max_pixels=2000)[0]
+    np.testing.assert_allclose(small.reshape(4), np.array([8, 12, 24, 20]) * np.array([48 / 54, 32 / 36] * 2),
+                               atol=1e-3)
+    # where the bound leaves the view whole, the boxes are the unbounded ones (a random net on a random image)
+    model = loc.build_localisation_model(_cfg(regression="per-class"), num_classes=3)
+    run_dir = make_run_dir(tmp_path / "pcr", num_classes=3, crop=32, scale=(32, 32))
+    model.save(run_dir / "best.keras")
+    pcr = loc.load_members([str(run_dir)], "dense", scales=(64,))[0]
+    image = tf.constant(np.random.default_rng(4).integers(0, 256, (32, 48, 3)), tf.float32)
+    whole = loc.dense_box_maps(pcr, image, max_pixels=64 * 96)[0]
+    np.testing.assert_allclose(whole, loc.dense_box_maps(pcr, image)[0], rtol=1e-5, atol=1e-3)
+    assert whole.shape == (2 * 2 * 3, 3, 4)
 
 
 def test_export_localise_signature_answers_through_the_session_loader(tmp_path):

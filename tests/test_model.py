@@ -87,6 +87,20 @@ def test_weights_load_by_name_from_keras_and_legacy_h5_files(tmp_path, rng):
         vgg_keras.build_vgg("E", num_classes=7, input_shape=(32, 32, 3), weights=str(tmp_path / path))
 
 
+def test_bgr_weight_files_see_rgb_input(tmp_path, rng):
+    # keras.applications' VGG files expect BGR (Caffe); ours feed RGB: loaded with channels="bgr", our model on an
+    # RGB image must equal the file's model on the same image in BGR order.
+    theirs = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), init="glorot", seed=3)
+    theirs.save_weights(tmp_path / "bgr.weights.h5")
+    rgb = rng.uniform(-120, 120, size=(2, 32, 32, 3)).astype("float32")
+    ours = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), weights=str(tmp_path / "bgr.weights.h5"),
+                               weights_channels="bgr")
+    np.testing.assert_allclose(ours.predict(rgb, verbose=0), theirs.predict(rgb[..., ::-1], verbose=0), atol=1e-5)
+    assert not np.allclose(ours.predict(rgb, verbose=0), theirs.predict(rgb, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="'brg'.*'rgb' or 'bgr'"):
+        vgg_keras.load_weights_by_name(ours, str(tmp_path / "bgr.weights.h5"), channels="brg")
+
+
 @pytest.fixture(scope="module")
 def model_224():
     return vgg_keras.build_vgg("A", num_classes=10, input_shape=(224, 224, 3), init="glorot", seed=1)
@@ -150,6 +164,22 @@ def test_lrn_matches_tensorflow(rng):
     assert not np.allclose(ours, x / 2.0**0.75, rtol=1e-4)  # the window really contributes at this scale
     with pytest.raises(ValueError, match="odd"):
         vgg_keras.LocalResponseNormalization(size=4)
+
+
+def test_lrn_computes_in_float32_under_mixed_float16(rng):
+    # Activations in the hundreds, where LRN acts: 300 ** 2 = 90000 overflows float16 (max 65504).
+    x = rng.uniform(-20, 20, size=(2, 3, 3, 8)).astype("float32")
+    x[0, 1, 1, 3], x[1, 2, 0, 5] = 300.0, -280.0
+    exact = vgg_keras.LocalResponseNormalization()(x)
+    mixed = vgg_keras.LocalResponseNormalization(dtype="mixed_float16")
+    out = mixed(x)
+    assert mixed.compute_dtype == "float16" and out.dtype == "float16"
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=2e-3, atol=1e-2)
+    # the numbers of the bug report: 300 -> 110.05, its neighbour 20 -> 7.34 (both were 0 in float16)
+    x1 = np.zeros((1, 1, 1, 5), np.float32)
+    x1[0, 0, 0, 2], x1[0, 0, 0, 3] = 300.0, 20.0
+    out1 = np.asarray(mixed(x1), np.float32)[0, 0, 0]
+    np.testing.assert_allclose(out1[2:4], [110.05, 7.34], rtol=2e-3)
 
 
 def test_lrn_survives_save_and_load(tmp_path, rng):
@@ -227,7 +257,10 @@ def test_clear_errors():
 def test_summary_command_prints_table_params_and_multiply_adds():
     result = subprocess.run([sys.executable, "-m", "vgg_keras.cli", "summary", "--config", "C"],
                             capture_output=True, text=True, check=True)
-    assert "block3_conv3" in result.stdout and "1x1" not in result.stdout.split("block3_conv3")[0][-3:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:] if line.startswith("block")}
+    # C's block3_conv3 is the 1x1 conv: 256 * 256 + 256 parameters, where B's 3x3 has 9 * 256 * 256 + 256
+    assert rows["block3_conv3"][1:] == ["56x56x256", f"{256 * 256 + 256:,}"]
+    assert rows["block3_conv2"][1:] == ["56x56x256", f"{9 * 256 * 256 + 256:,}"]
     assert "133,638,952 parameters" in result.stdout
     assert "11.77 G multiply-adds at 224x224" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "vgg_keras.cli", "summary", "--config", "Z"],

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -123,45 +122,7 @@ def test_two_replicas_give_the_same_step_as_one():
     assert float(lines["MAXDIFF"]) < 1e-5
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-MULTI_WORKER = textwrap.dedent("""
-    import sys, numpy as np
-    from vgg_keras.train import TrainConfig, train
-    cfg = TrainConfig(config="A", data=sys.argv[1], run_dir=sys.argv[2], scale=(36, 44), crop=32, epochs=1,
-                      batch_size=4, lr=0.001, init="glorot", seed=3)
-    model, state = train(cfg, return_model=True)
-    np.savez(sys.argv[3], *model.get_weights())
-""")
-
-
-def test_multi_worker_training_ends_with_equal_weights(tmp_path):
-    data = make_folder_dataset(tmp_path / "data", per_class=4)
-    ports = _free_ports(2)
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}}
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", MULTI_WORKER, str(data), str(tmp_path / "run"), str(tmp_path / f"w{index}.npz")],
-            env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    first, second = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
-    initial = vgg_keras.build_vgg("A", num_classes=3, input_shape=(32, 32, 3), init="glorot", seed=3)
-    assert not np.allclose(first["arr_0"], initial.get_weights()[0])  # they trained
-    for key in first.files:
-        np.testing.assert_allclose(first[key], second[key], atol=1e-6)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["replicas"] == 2
+# Several workers (MultiWorkerMirroredStrategy): tests/test_multiworker.py
 
 
 # --- crash safety ---------------------------------------------------------------------------------------

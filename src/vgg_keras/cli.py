@@ -23,7 +23,8 @@ def cmd_export(args):
         from .localisation import localise_extension
 
         extend = localise_extension(args.localisation)
-    print(f"exported {export(args.model, args.name, scales, args.top_k, args.out, extend)}")
+    path = export(args.model, args.name, scales, args.top_k, args.out, extend=extend, **max_pixels(args))
+    print(f"exported {path}")
 
 
 def cmd_eval(args):
@@ -31,7 +32,8 @@ def cmd_eval(args):
 
     run_evaluation(args.model, data=args.data, split=args.split, method=args.method,
                    scales=parse_scales(args.scales) if args.scales is not None else None, flip=not args.no_flip,
-                   out=args.out, predictions=args.predictions, softmax_first=args.softmax_first, limit=args.limit)
+                   out=args.out, predictions=args.predictions, softmax_first=args.softmax_first, limit=args.limit,
+                   **max_pixels(args))
 
 
 def cmd_predict(args):
@@ -85,7 +87,14 @@ def cmd_eval_localisation(args):
                           split=args.split, protocol=args.protocol,
                           scales=parse_scales(args.scales) if args.scales else None, flip=not args.no_flip,
                           merge_iou=args.merge_iou, limit=args.limit, out=args.out, predictions=args.predictions,
-                          figure=args.figure)
+                          figure=args.figure, **max_pixels(args))
+
+
+def cmd_reproduce(args):
+    from .reproduce import parse_list, reproduce
+
+    reproduce(args.plan, args.data, args.runs_dir, tables=parse_list(args.tables, "--tables", int) or None,
+              only=parse_list(args.only, "--only") or None, shrink=args.shrink, epochs=args.epochs, dry=args.dry_run)
 
 
 def cmd_make_demo_data(args):
@@ -133,12 +142,58 @@ def cmd_check_data(args):
     return 0 if report.used else 1
 
 
+def _feature_options(args):
+    """The feature-extraction flags of `features` and `transfer --model`."""
+    from .evaluate import parse_scales
+
+    return dict(scales=parse_scales(args.scales), combine=args.combine, layer=args.layer, flip=not args.no_flip,
+                limit=args.limit, data_options=dict(data_dir=args.data_dir, manual_dir=args.manual_dir,
+                                                     val_fraction=args.val_fraction, seed=args.seed))
+
+
+def cmd_features(args):
+    from .features import extract_features
+
+    result = extract_features(args.model, args.data, split=args.split, out=args.out, **_feature_options(args))
+    timing = result["settings"]["timing"]
+    print(f"{args.out}: {result['features'].shape[0]} images x {result['features'].shape[1]}-D features "
+          f"({timing['images_per_s'] or 0:.2f} images/s in the networks)")
+
+
+def cmd_transfer(args):
+    from .transfer import transfer
+
+    transfer(args.features_train, args.features_val, models=args.model, data=args.data,
+             feature_options=_feature_options(args), c=args.c, splits=args.splits,
+             train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed, out=args.out)
+
+
+def _add_feature_flags(p):
+    p.add_argument("--scales", default="256,384,512", help="test scales Q (default: the paper's 256,384,512)")
+    p.add_argument("--combine", default="average", choices=["average", "stack"],
+                   help="over the scales: average the descriptors (the paper's VOC setting) or stack them (Caltech)")
+    p.add_argument("--layer", default="fc2", help="layer of the dense net to describe with (default fc2, 4096-D; "
+                   "e.g. fc1, block5_pool)")
+    p.add_argument("--no-flip", action="store_true", help="do not average in the mirror image's descriptor")
+    p.add_argument("--limit", type=int, help="describe only the first N images of each split")
+
+
 def _add_data_flags(p, seed_help="seed of the validation split (and of sampling)"):
     p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
     p.add_argument("--data-dir", help="TFDS data directory")
     p.add_argument("--manual-dir", help="TFDS manual directory (imagenet2012: the ILSVRC tars)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def max_pixels(args):
+    return {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+
+
+def add_max_pixels(parser):
+    parser.add_argument("--max-pixels", type=int, metavar="N", help="dense evaluation: at most N pixels of "
+                        "rescaled image per view; larger images are evaluated at the largest Q that fits, banners "
+                        "on their central part (default: 1048576 = 1024x1024; see README, Evaluation)")
 
 
 def build_parser():
@@ -209,6 +264,7 @@ def build_parser():
     p.add_argument("--name", help="model name for TF Serving (default: vgg_<config>, e.g. vgg_a)")
     p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's for the training scale)")
     p.add_argument("--top-k", type=int, default=5, help="classes returned per image (default: 5)")
+    add_max_pixels(p)
     p.add_argument("--out", default="saved_models", help="folder of exported models (default: saved_models)")
     p.add_argument("--localisation", metavar="LOCRUN", help="a localisation run of --model's classes: adds the "
                    "`localise` signature (top-k classes, scores and one box each, in image pixels)")
@@ -236,6 +292,7 @@ def build_parser():
     p.add_argument("--softmax-first", action="store_true", help="dense: soft-max each location of the score map, "
                    "then average (default: average the scores, then soft-max, as the paper)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    add_max_pixels(p)
     p.add_argument("--out", help="report as JSON (e.g. report.json); its markdown table goes beside it (report.md)")
     p.add_argument("--predictions", metavar="FILE", help="per-image top-5 with class names: CSV for FILE.csv, "
                    "JSON lines otherwise")
@@ -273,12 +330,59 @@ def build_parser():
                    "dense: the paper's three)")
     p.add_argument("--merge-iou", type=float, default=0.5, help="greedy merging averages two boxes while their "
                    "IoU is at least this (default 0.5)")
+    add_max_pixels(p)
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--limit", type=int, help="evaluate only the first N images with boxes")
     p.add_argument("--out", help="report JSON (markdown beside it)")
     p.add_argument("--predictions", metavar="FILE", help="per-image guesses and boxes, JSON lines")
     p.add_argument("--figure", metavar="PNG", help="draw the first images with ground-truth and predicted boxes")
     p.set_defaults(func=cmd_eval_localisation)
+
+    p = sub.add_parser("reproduce", help="the paper's Tables 3-6 as one resumable plan: train the runs in dependency "
+                       "order, evaluate every row, write RUNS/tables.md (paper vs ours)")
+    p.add_argument("--plan", default="pipelines/paper.toml", help="plan file (default: pipelines/paper.toml)")
+    p.add_argument("--data", required=True, help="class-folder directory, TFRecord directory, or tfds:NAME[/CONFIG]")
+    p.add_argument("--runs-dir", default="runs/paper", help="one run directory per run, evaluations, tables.md")
+    p.add_argument("--tables", default="", help="tables to reproduce, e.g. 3,4 (default: the plan's, or all)")
+    p.add_argument("--only", default="", metavar="RUN,...", help="train only these runs (and their dependencies); "
+                   "evaluate the rows they make possible")
+    p.add_argument("--shrink", type=int, help="divide every S, Q and the crop by K (crop >= 32)")
+    p.add_argument("--epochs", type=int, help="cap every run at N epochs")
+    p.add_argument("--dry-run", action="store_true", help="print each step as the vgg-keras command it stands for")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("features", help="transfer descriptors (PAPER.md section 6): dense penultimate-layer "
+                       "activations at several scales, averaged spatially and over flips, L2-normalised, as .npz")
+    p.add_argument("--model", action="append", required=True, metavar="RUN_OR_FILE",
+                   help="run directory (its best.keras) or .keras file; repeat to stack models (the paper's D & E)")
+    _add_data_flags(p)
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    _add_feature_flags(p)
+    p.add_argument("--out", required=True, help=".npz file; an interrupted run resumes from the chunks beside it")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("transfer", help="linear SVM on transfer features: mean class recall (Caltech protocol) or "
+                       "mAP (VOC protocol), report shaped like the paper's Table 11")
+    p.add_argument("--features-train", metavar="FILE", help="features of the training images (`vgg-keras "
+                   "features`); with --model: where to write them")
+    p.add_argument("--features-val", metavar="FILE", help="features of the test images; with --model: where to "
+                   "write them")
+    p.add_argument("--model", action="append", metavar="RUN_OR_FILE", help="extract the features first, with this "
+                   "model (repeat to stack)")
+    p.add_argument("--data", help="with --model: the data set to transfer to")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--manual-dir", help="TFDS manual directory")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
+    _add_feature_flags(p)
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--c", type=float, help="the SVM's C (default: chosen on a held-out 20 %% of the training set)")
+    c.add_argument("--c-search", action="store_true", help="choose C on a held-out 20 %% (the default)")
+    p.add_argument("--splits", type=int, help="Caltech protocol: N random splits of the train+val images ...")
+    p.add_argument("--train-per-class", type=int, help="... with K training images per class (Caltech-101: 30)")
+    p.add_argument("--test-per-class", type=int, help="... and up to M test images per class (default: the rest)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the C hold-out and the SVM")
+    p.add_argument("--out", help="report as JSON (e.g. transfer.json); its markdown and PNG go beside it")
+    p.set_defaults(func=cmd_transfer)
 
     return parser
 
@@ -287,7 +391,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as err:
         print(f"vgg-keras {args.command}: error: {err}", file=sys.stderr)
         return 2
 

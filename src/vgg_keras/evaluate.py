@@ -12,7 +12,14 @@ One entry point, `evaluate(runs, records, method)`, built from per-image scorers
 With `flip` (the default, for every method) each view's horizontal mirror is averaged in. Posteriors are averaged
 over views, then over scales (each scale has the same number of views, so it is one average), then over the models
 of a fusion. An image is rescaled isotropically so that its smaller side is max(Q, crop): a test scale below the
-crop is evaluated at the crop, the smallest input the FC layers accept.
+crop is evaluated at the crop, the smallest input the FC layers accept. Crop methods resample only the parts of
+the image under their crops (`rescaled_window`), so their cost does not grow with the image.
+
+Dense evaluation's work per image is bounded: one view (the image or its mirror, as rescaled) has at most
+`max_pixels` pixels (--max-pixels, default DEFAULT_MAX_PIXELS = 1024 x 1024). Above it the image is evaluated at
+the largest Q that fits, and when not even Q = crop fits (a banner) on the central part of the image at Q = crop
+(`bounded_view`); the report lists those images under "bounded". `dense_posteriors` is the one implementation,
+also called by the exported SavedModel's graph (export.py).
 
 Images of any size go through the networks one image (and its mirror) at a time, never padded, through
 `tf.function`s traced once per model: the dense net's input signature is [None, None, None, 3], the crops'
@@ -34,7 +41,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from .data import SKIPPED, decode_records, load_source
-from .data.images import center_crop, rescale, rescaled_size, subtract_mean
+from .data.images import rescaled_size, subtract_mean
 from .data.stats import IMAGENET_STATS
 from .model import fully_convolutional, multiply_adds
 from .report import PredictionWriter, evaluation_row, markdown_table, write_report
@@ -42,6 +49,7 @@ from .runs import Run, load_run
 
 METHODS = ("center", "dense", "multicrop", "multicrop+dense")
 GRID = 5
+DEFAULT_MAX_PIXELS = 1 << 20  # pixels of rescaled image per dense view: see bounded_view and the README
 CROP_BATCH = 25  # crops per network call: 25 crops of 224 px keep the activations of D under ~1 GB
 
 
@@ -98,50 +106,84 @@ class ModelScorer:
     Build one per model and reuse it for every image.
     """
 
-    def __init__(self, model, crop=None, mean_rgb=IMAGENET_STATS.mean_rgb, softmax_first=False):
+    def __init__(self, model, crop=None, mean_rgb=IMAGENET_STATS.mean_rgb, softmax_first=False,
+                 max_pixels=DEFAULT_MAX_PIXELS):
         self.model = model
         self.crop = int(crop or model.input_shape[1])
         self.mean_rgb = tuple(mean_rgb)
         self.softmax_first = softmax_first
+        self.max_pixels = check_max_pixels(max_pixels, self.crop)
         self._fc_softmax = _fc_needs_softmax(model)
         self.crop_posteriors = tf.function(
             self._crop_posteriors, input_signature=[tf.TensorSpec([None, self.crop, self.crop, 3], tf.float32)])
+        self._dense_functions = {}
 
     @classmethod
-    def from_run(cls, run, softmax_first=False):
-        return cls(run.model, run.crop, run.stats.mean_rgb, softmax_first)
+    def from_run(cls, run, softmax_first=False, max_pixels=DEFAULT_MAX_PIXELS):
+        return cls(run.model, run.crop, run.stats.mean_rgb, softmax_first, max_pixels)
 
     @functools.cached_property
     def dense_model(self):
         """Built on first use: its FC-as-conv kernels are a copy (400 MB for D) that crop methods never need."""
         return fully_convolutional(self.model)
 
-    @functools.cached_property
-    def dense_posteriors(self):
-        """images [n, h, w, 3] -> posteriors [n, classes] of the dense net, any h and w, traced once."""
-        dense_model = self.dense_model  # built here, eagerly: it reads the FC weights
+    def dense_function(self, flip=True):
+        """(image float32 [h, w, 3], q int32 []) -> posteriors [classes]: `dense_posteriors` as one graph (rescale,
+        mean, net and its mirror, softmax), any image size and Q, traced once per `flip`."""
+        if flip not in self._dense_functions:
+            dense_model = self.dense_model  # built here, eagerly: it reads the FC weights
 
-        def posteriors(images):
-            score_map = dense_model(images, training=False)
-            if self.softmax_first:
-                return tf.reduce_mean(tf.nn.softmax(score_map), axis=[1, 2])
-            return tf.nn.softmax(tf.reduce_mean(score_map, axis=[1, 2]))
+            def posteriors(image, q):
+                return dense_posteriors(dense_model, image, q, self.mean_rgb, self.crop, flip, self.softmax_first,
+                                        self.max_pixels)
 
-        return tf.function(posteriors, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+            self._dense_functions[flip] = tf.function(posteriors, input_signature=[
+                tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([], tf.int32)])
+        return self._dense_functions[flip]
 
     def _crop_posteriors(self, crops):
         outputs = self.model(crops, training=False)
         return tf.nn.softmax(outputs) if self._fc_softmax else outputs
 
-    def prepare(self, image, scale):
-        """`image` rescaled so its smaller side is max(scale, crop), mean subtracted."""
-        return subtract_mean(rescale(image, max(int(scale), self.crop)), self.mean_rgb)
+    def crops(self, image, scale, boxes):
+        """The crop x crop windows `boxes` [n, 4] (top, left, bottom, right) of `image` rescaled so its smaller side
+        is max(scale, crop), mean subtracted: [n, crop, crop, 3]. Only the parts of the image under the crops are
+        rescaled (`rescaled_window`): a banner's 25 crops cost no more than a photo's."""
+        size = self.rescaled_size(image, scale)
+        rows, cols = _covering(boxes[:, 0], self.crop), _covering(boxes[:, 1], self.crop)
+        blocks, crops = {}, []
+        for top, left, _, _ in boxes:
+            row, col = _interval_of(rows, top), _interval_of(cols, left)
+            if (row, col) not in blocks:
+                (r0, r1), (c0, c1) = row, col
+                blocks[row, col] = rescaled_window(image, size, [r0, c0, r1 - r0, c1 - c0])
+            crops.append(blocks[row, col][top - row[0]:top - row[0] + self.crop,
+                                          left - col[0]:left - col[0] + self.crop])
+        return subtract_mean(tf.stack(crops), self.mean_rgb)
+
+    def rescaled_size(self, image, scale):
+        """[h, w] (ints) of `image` rescaled so that its smaller side is max(scale, crop)."""
+        return [int(v) for v in rescaled_size(image.shape[0], image.shape[1], max(int(scale), self.crop))]
 
     def trace_counts(self):
         """{"crop": n, "dense": n}: how often each network function has been traced (0 or 1 when all is well)."""
-        dense = self.__dict__.get("dense_posteriors")  # not built yet: never traced
         return {"crop": self.crop_posteriors.experimental_get_tracing_count(),
-                "dense": dense.experimental_get_tracing_count() if dense else 0}
+                "dense": sum(fn.experimental_get_tracing_count() for fn in self._dense_functions.values())}
+
+
+def _covering(starts, length):
+    """The merged intervals [(first, end)] covering [start, start + length) for every start (one axis)."""
+    intervals = []
+    for start in sorted(set(int(v) for v in starts)):
+        if intervals and start <= intervals[-1][1]:
+            intervals[-1] = (intervals[-1][0], start + length)
+        else:
+            intervals.append((start, start + length))
+    return intervals
+
+
+def _interval_of(intervals, start):
+    return next(interval for interval in intervals if interval[0] <= start < interval[1])
 
 
 def _fc_needs_softmax(model):
@@ -166,45 +208,145 @@ def _mean_posteriors(posterior_fn, views, batch_size):
     return tf.reduce_mean(tf.concat(chunks, axis=0), axis=0).numpy()
 
 
+def center_box(height, width, crop):
+    """[1, 4] (top, left, bottom, right): the central crop x crop window of a height x width image
+    (`images.center_crop`'s)."""
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return np.array([[top, left, top + crop, left + crop]], dtype=np.int64)
+
+
 def center_scores(scorer, image, scales, flip=True):
     """Posteriors [classes] from one centre crop (and its mirror) at each scale, averaged."""
-    crops = tf.stack([center_crop(scorer.prepare(image, q), scorer.crop) for q in scales])
+    crops = tf.concat([scorer.crops(image, q, center_box(*scorer.rescaled_size(image, q), scorer.crop))
+                       for q in scales], axis=0)
     return _mean_posteriors(scorer.crop_posteriors, _with_mirrors(crops, flip), len(scales) * 2)
 
 
-def dense_maps(net_fn, image, q, mean_rgb, crop, flip=True):
+def bounded_view(height, width, q, crop, max_pixels=DEFAULT_MAX_PIXELS):
+    """What dense evaluation of a height x width image at test scale `q` runs the net on, within the bound of
+    `max_pixels` pixels of rescaled image per view (graph-safe: int or int32 tensors in, int32 tensors out).
+
+    Returns (side, size, window):
+        side    the smaller side of the rescaled image: max(q, crop) when the rescaled image has at most max_pixels
+                pixels; above that the largest side >= crop that keeps it within max_pixels (the largest Q that fits)
+        size    [h, w] of the image rescaled isotropically to smaller side `side` (`rescaled_size`)
+        window  [top, left, h, w] of that rescaled image the net sees: all of it, unless even side = crop exceeds
+                max_pixels (an aspect ratio above max_pixels / crop**2, a banner); then its central part, the long
+                side cut to max_pixels // crop pixels
+    So the net's input never exceeds max_pixels pixels (and its mirror as many). Raises ValueError when
+    max_pixels < crop**2 (not even one crop fits).
+    """
+    check_max_pixels(max_pixels, crop)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    aspect = tf.maximum(h, w) / tf.minimum(h, w)
+    # The largest side s with s * (aspect * s + 1/2) <= max_pixels fits (rounding the long side adds at most half a
+    # pixel); the largest that fits is that one or the next (the long side may round down).
+    limit = tf.cast(max_pixels, tf.float64)
+    fits = tf.floor((tf.sqrt(0.25 + 4.0 * aspect * limit) - 0.5) / (2.0 * aspect))
+    next_size = rescaled_size(height, width, tf.cast(fits, tf.int32) + 1)
+    fits += tf.cast(tf.cast(next_size[0], tf.int64) * tf.cast(next_size[1], tf.int64) <= int(max_pixels), tf.float64)
+    wanted = tf.maximum(tf.cast(q, tf.float64), float(crop))
+    side = tf.cast(tf.maximum(tf.minimum(wanted, fits), float(crop)), tf.int32)
+    size = tf.stack(rescaled_size(height, width, side))
+    too_many = tf.reduce_prod(tf.cast(size, tf.int64)) > int(max_pixels)  # int64: a banner's area overflows int32
+    seen = tf.where(too_many, tf.minimum(size, int(max_pixels) // int(crop)), size)
+    return side, size, tf.concat([(size - seen) // 2, seen], axis=0)
+
+
+def check_max_pixels(max_pixels, crop):
+    if int(max_pixels) < int(crop) ** 2:
+        raise ValueError(f"--max-pixels {max_pixels}: below one {crop}x{crop} crop ({int(crop) ** 2} pixels)")
+    return int(max_pixels)
+
+
+def bound_note(height, width, q, crop, max_pixels=DEFAULT_MAX_PIXELS):
+    """None when dense evaluation sees the whole height x width image at max(q, crop), else a line saying what
+    `bounded_view` evaluates instead (for the report)."""
+    side, size, window = (np.asarray(v) for v in bounded_view(height, width, q, crop, max_pixels))
+    wanted = max(int(q), int(crop))
+    if side == wanted:
+        return None
+    full = [int(v) for v in rescaled_size(height, width, wanted)]
+    note = (f"{height}x{width} at Q={q}: {full[0]}x{full[1]} = {full[0] * full[1]} pixels > --max-pixels "
+            f"{max_pixels}; evaluated at Q={side} ({size[0]}x{size[1]})")
+    if (window[2:] != size).any():
+        note += f", its central {window[2]}x{window[3]}"
+    return note
+
+
+def rescaled_window(image, size, window):
+    """The `window` [top, left, h, w] of `image` [H, W, 3] rescaled to `size` [h, w] (float32; graph-safe),
+    resampled from only the original pixels under it.
+
+    Equal (within float rounding of the sample positions, ~1e-3 of a 0-255 level) to slicing `images.rescale`'s
+    output, which is the same antialiased bilinear resampling (ScaleAndTranslate, triangle kernel) of the whole
+    image: the kernel's support at this scale (max(1, 1 / scale) original pixels around each sample, renormalised
+    at the image border) decides the original pixels needed. A window covering the whole image is exactly
+    `images.rescale`.
+    """
+    shape = tf.shape(image)[:2]
+    scale = tf.cast(size, tf.float32) / tf.cast(shape, tf.float32)
+    window = tf.cast(window, tf.int32)
+    start, extent = window[:2], window[2:]
+    support = tf.maximum(1.0 / scale, 1.0) + 1.0  # kernel radius in original pixels, and one for rounding
+    first = tf.clip_by_value(tf.cast(tf.floor(tf.cast(start, tf.float32) / scale - support), tf.int32), 0, shape)
+    last = tf.clip_by_value(tf.cast(tf.math.ceil(tf.cast(start + extent, tf.float32) / scale + support), tf.int32),
+                            first, shape)
+    part = tf.slice(image, tf.concat([first, [0]], 0), tf.concat([last - first, [3]], 0))
+    translation = tf.cast(first, tf.float32) * scale - tf.cast(start, tf.float32)
+    resampled = tf.raw_ops.ScaleAndTranslate(images=tf.cast(part, tf.float32)[None], size=extent, scale=scale,
+                                             translation=translation, kernel_type="triangle", antialias=True)[0]
+    resampled.set_shape([None, None, 3])
+    return resampled
+
+
+def dense_maps(net_fn, image, q, mean_rgb, crop, flip=True, max_pixels=DEFAULT_MAX_PIXELS):
     """Dense application (PAPER.md section 3.2) of a fully-convolutional net to one image: the one path every dense
-    use goes through (classification, export, localisation boxes, transfer features).
+    use goes through (classification in `vgg-keras eval` and in the exported SavedModel, localisation boxes,
+    transfer features). Graph-safe: `q` may be an int32 tensor and the image of any size.
 
     image: float32 [h, w, 3], RGB 0-255, any size; it is rescaled isotropically so that its smaller side is
     max(q, crop) pixels and mean-subtracted (`mean_rgb`, 3 floats, 0-255), then run through `net_fn` (a callable on
     float32 [n, H, W, 3], e.g. `fully_convolutional(model)` or a tf.function of it) together with its horizontal
     mirror, in one unpadded call. Returns net_fn's output maps [2, h', w', d] ([1, ...] without flip; the mirror's
     map is left mirrored).
+
+    The work is bounded: the net's input never exceeds `max_pixels` pixels per view (see `bounded_view` for what
+    is evaluated above it: the largest Q that fits, and for extreme aspect ratios the central part at Q = crop), and
+    only that part of the image is resampled. Use `bounded_view` to map output positions back to the image.
     """
-    x = subtract_mean(rescale(image, max(int(q), int(crop))), mean_rgb)[None]
+    shape = tf.shape(image)
+    _, size, window = bounded_view(shape[0], shape[1], q, crop, max_pixels)
+    x = subtract_mean(rescaled_window(image, size, window), mean_rgb)[None]
     return net_fn(_with_mirrors(x, flip))
+
+
+def dense_posteriors(net_fn, image, q, mean_rgb, crop, flip=True, softmax_first=False,
+                     max_pixels=DEFAULT_MAX_PIXELS):
+    """Dense evaluation of one image at one test scale (PAPER.md section 3.2), graph-safe: the class score maps
+    of `dense_maps` (net_fn: the fully-convolutional net's pre-softmax scores) averaged spatially, then soft-maxed
+    (the paper's order; `softmax_first`: soft-max each location, then average), then averaged over the image and
+    its mirror. Returns float32 posteriors [classes]. `vgg-keras eval` and the exported SavedModel both call this."""
+    score_maps = tf.cast(dense_maps(net_fn, image, q, mean_rgb, crop, flip, max_pixels), tf.float32)
+    if softmax_first:
+        posteriors = tf.reduce_mean(tf.nn.softmax(score_maps), axis=[1, 2])
+    else:
+        posteriors = tf.nn.softmax(tf.reduce_mean(score_maps, axis=[1, 2]))
+    return tf.reduce_mean(posteriors, axis=0)
 
 
 def dense_scores(scorer, image, scales, flip=True):
     """Dense evaluation: posteriors [classes] of the whole image at each scale (the image and its mirror in one
-    call, unpadded), averaged over mirrors and scales."""
-    per_scale = [tf.reduce_mean(dense_maps(scorer.dense_posteriors, image, q, scorer.mean_rgb, scorer.crop, flip),
-                                axis=0).numpy() for q in scales]
-    return np.mean(per_scale, axis=0)
-
-
-def grid_crops(image, crop, grid=GRID):
-    """The grid x grid windows of `grid_crop_boxes` cut from `image` [h, w, 3]: [grid * grid, crop, crop, 3]."""
-    height, width = image.shape[0], image.shape[1]
-    return tf.stack([image[top:bottom, left:right] for top, left, bottom, right
-                     in grid_crop_boxes(height, width, crop, grid)])
+    call, unpadded, within the scorer's max_pixels), averaged over mirrors and scales."""
+    dense = scorer.dense_function(flip)
+    return np.mean([dense(image, tf.constant(int(q), tf.int32)).numpy() for q in scales], axis=0)
 
 
 def multi_crop_scores(scorer, image, scales, flip=True, grid=GRID, batch_size=CROP_BATCH):
     """Multi-crop evaluation: posteriors [classes] averaged over a grid x grid set of crops (and their mirrors)
     at each scale: 50 views per scale with the defaults, 150 over three scales."""
-    crops = tf.concat([grid_crops(scorer.prepare(image, q), scorer.crop, grid) for q in scales], axis=0)
+    crops = tf.concat([scorer.crops(image, q, grid_crop_boxes(*scorer.rescaled_size(image, q), scorer.crop, grid))
+                       for q in scales], axis=0)
     return _mean_posteriors(scorer.crop_posteriors, _with_mirrors(crops, flip), batch_size)
 
 
@@ -244,14 +386,15 @@ def dense_multiply_adds(dense_model, height, width):
 
 
 def method_multiply_adds(scorer, height, width, method, scales, flip=True, grid=GRID):
-    """Multiply-adds of evaluating one height x width image with `method` at `scales`."""
+    """Multiply-adds of evaluating one height x width image with `method` at `scales` (dense: of the view
+    `bounded_view` chooses within the scorer's max_pixels)."""
     views = views_per_image(method, scales, flip, grid)
     total = views["crops"] * multiply_adds(scorer.model)
     if views["dense"]:
         mirrors = 2 if flip else 1
         for q in scales:
-            h, w = rescaled_size(height, width, max(int(q), scorer.crop))
-            total += mirrors * dense_multiply_adds(scorer.dense_model, int(h), int(w))
+            _, _, window = bounded_view(height, width, q, scorer.crop, scorer.max_pixels)
+            total += mirrors * dense_multiply_adds(scorer.dense_model, int(window[2]), int(window[3]))
     return total
 
 
@@ -305,7 +448,7 @@ def check_fusable(runs):
             raise ValueError(f"cannot fuse {first.path} with {run.path}: same number of classes, different names")
 
 
-def make_members(runs, scales=None, softmax_first=False):
+def make_members(runs, scales=None, softmax_first=False, max_pixels=DEFAULT_MAX_PIXELS):
     """Load (paths) and check the models of an evaluation, each with `scales` or its own paper test scales."""
     runs = [run if isinstance(run, Run) else load_run(run) for run in runs]
     if not runs:
@@ -315,7 +458,7 @@ def make_members(runs, scales=None, softmax_first=False):
     for run in runs:
         if scales is None and run.scale is None:
             raise ValueError(f"{run.path}: no training scale recorded (a bare model file); pass --scales")
-        members.append(Member(run, ModelScorer.from_run(run, softmax_first),
+        members.append(Member(run, ModelScorer.from_run(run, softmax_first, max_pixels),
                               tuple(scales) if scales is not None else test_scales(run.scale)))
     return members
 
@@ -327,21 +470,23 @@ def decoded_images(records):
 
 
 def evaluate(runs, records, method="dense", scales=None, flip=True, softmax_first=False, grid=GRID,
-             batch_size=CROP_BATCH, progress=True, on_image=None):
+             batch_size=CROP_BATCH, progress=True, on_image=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Evaluate one model, or the fusion of several, on `records` (a tf.data.Dataset of {"image", "label", "id"}).
 
     runs: Run objects or paths (run directories, .keras files). scales: the test scales of every model, or None
     for each model's paper scales (`test_scales` of its training scale). on_image(id, label, posteriors): called
-    per image with the headline posteriors (the fusion's, or the one model's, for `method`).
+    per image with the headline posteriors (the fusion's, or the one model's, for `method`). max_pixels: the bound
+    on one dense view (`bounded_view`); the images it changed are evaluated and listed in the report's "bounded".
     Returns the report: the headline top-1 / top-5 errors, counts and timing, and one row per model and
     component method (and per method for the fusion), shaped like the paper's tables.
     """
     check_method(method)
-    members = make_members(runs, scales, softmax_first)
+    members = make_members(runs, scales, softmax_first, max_pixels)
     keys = [(i, m) for i in range(len(members)) for m in component_methods(method)]
     if len(members) > 1:
         keys += [("fusion", m) for m in component_methods(method)]
     ranks = {key: [] for key in keys}
+    bounded = {}
     skipped_before = SKIPPED.reasons()
     start = time.perf_counter()
     total = int(records.cardinality()) if records.cardinality() >= 0 else None
@@ -352,6 +497,10 @@ def evaluate(runs, records, method="dense", scales=None, flip=True, softmax_firs
         if len(members) > 1:
             posteriors.update({("fusion", name): np.mean([parts[name] for parts in per_model], axis=0)
                                for name in component_methods(method)})
+        if "dense" in component_methods(method):
+            notes = {bound_note(*image.shape[:2], q, m.scorer.crop, max_pixels) for m in members for q in m.scales}
+            if notes - {None}:
+                bounded[record["id"].numpy().decode("utf-8", "replace")] = "; ".join(sorted(notes - {None}))
         for key in keys:
             ranks[key].append(int(true_class_rank(posteriors[key][None], [label])[0]))
         if on_image is not None:
@@ -361,7 +510,9 @@ def evaluate(runs, records, method="dense", scales=None, flip=True, softmax_firs
     if not ranks[keys[0]]:
         raise ValueError("no image to evaluate: the records are empty or none could be decoded")
     skipped = {k: v for k, v in SKIPPED.reasons().items() if k not in skipped_before}
-    return _report(members, method, flip, softmax_first, grid, ranks, seconds, skipped)
+    report = _report(members, method, flip, softmax_first, grid, ranks, seconds, skipped)
+    report.update(max_pixels=max_pixels, bounded=bounded)
+    return report
 
 
 def _report(members, method, flip, softmax_first, grid, ranks, seconds, skipped):
@@ -413,10 +564,11 @@ def check_classes(runs, source, spec):
 
 
 def run_evaluation(models, data=None, split="val", method="dense", scales=None, flip=True, out=None,
-                   predictions=None, softmax_first=False, limit=None, progress=True):
+                   predictions=None, softmax_first=False, limit=None, progress=True, max_pixels=DEFAULT_MAX_PIXELS):
     """`vgg-keras eval`: evaluate `models` (run directories or .keras files; several are fused) on `split` of
     `data` (default: the first run's training data); print the paper-shaped table, write `out` (JSON) and its
-    markdown beside it, and per-image top-5 to `predictions`. Returns the report."""
+    markdown beside it, and per-image top-5 to `predictions`. Dense views are bounded by `max_pixels` (--max-pixels,
+    see `bounded_view`); the images above it are listed in the report. Returns the report."""
     check_method(method)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}: must be a positive number of images")
@@ -428,7 +580,8 @@ def run_evaluation(models, data=None, split="val", method="dense", scales=None, 
     if limit:
         records = records.take(limit)
     with PredictionWriter(predictions, class_names) if predictions else contextlib.nullcontext() as on_image:
-        report = evaluate(runs, records, method, scales, flip, softmax_first, progress=progress, on_image=on_image)
+        report = evaluate(runs, records, method, scales, flip, softmax_first, progress=progress, on_image=on_image,
+                          max_pixels=max_pixels)
     report.update(data=spec, split=split)
     print(markdown_table(report))
     if out:

@@ -5,14 +5,17 @@
         assets.extra/tf_serving_warmup_requests   one PredictionLog per signature, replayed by TF Serving
 
 Signatures (method `tensorflow/serving/predict`):
-    serving_default   image_bytes: string [-1] (JPEG, PNG, GIF first frame, BMP)
+    serving_default   image_bytes: string [-1] (JPEG, PNG, GIF first frame, BMP, WebP)
     predict_images    images: float32 [-1, H, W, 3], RGB 0-255
 both returning probabilities [-1, classes], and the top-k `classes` (indices), `scores` and `labels`.
 
-Section 3.2 in the graph: for each test scale Q, rescale isotropically (smallest side Q), subtract the
-mean RGB, run the fully-convolutional net on the image and its horizontal flip, average each class
-score map spatially, softmax, average the two posteriors; then average the posteriors over the scales.
-As in `vgg-keras eval`, a test scale below the training crop is evaluated at the crop.
+Section 3.2 in the graph, by the very function `vgg-keras eval` runs (`evaluate.dense_posteriors`): for each
+test scale Q, rescale isotropically (smallest side Q), subtract the mean RGB, run the fully-convolutional net on
+the image and its horizontal flip, average each class score map spatially, softmax, average the two posteriors;
+then average the posteriors over the scales. As in `vgg-keras eval`, a test scale below the training crop is
+evaluated at the crop, and one view never exceeds `max_pixels` pixels (`evaluate.bounded_view`: above it the
+largest Q that fits, a banner's central part at Q = crop), so every image of a request is answered with bounded
+memory and the server keeps serving.
 
 Entry point: `export()` (`vgg-keras export`, `make export`); `vgg-keras predict` reads the result.
 """
@@ -28,8 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from .data.decode import OK, REASONS, bad_file_reason
-from .data.images import decode_rgb, rescale, subtract_mean
-from .evaluate import test_scales
+from .data.images import decode_rgb
+from .evaluate import DEFAULT_MAX_PIXELS, check_max_pixels, dense_posteriors, test_scales
 from .model import fully_convolutional
 from .runs import Run, load_run
 
@@ -49,20 +52,6 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in a path and in
 # The serving graph
 
 
-def dense_posteriors(dense_model, image, scales, mean_rgb):
-    """Section 3.2 for one image [h, w, 3] (RGB 0-255): class posteriors averaged over flips and scales.
-
-    dense_model: `fully_convolutional(model, average=True)` (spatially averaged pre-softmax scores).
-    """
-    per_scale = []
-    for q in scales:
-        x = subtract_mean(rescale(image, q), mean_rgb)
-        pair = tf.stack([x, tf.image.flip_left_right(x)])
-        posteriors = tf.nn.softmax(dense_model(pair, training=False), axis=-1)
-        per_scale.append(tf.reduce_mean(posteriors, axis=0))
-    return tf.reduce_mean(tf.stack(per_scale), axis=0)
-
-
 def checked_decode(image_bytes, index):
     """decode_rgb, after the data pipeline's check of the bytes: a bad element fails the request with a message
     that names it and says why (not an image, empty, truncated)."""
@@ -77,17 +66,16 @@ def checked_decode(image_bytes, index):
 class DenseServing:
     """The two serving functions around a dense-evaluation net; class names and mean RGB as constants."""
 
-    def __init__(self, model, class_names, mean_rgb, scales, top_k):
-        self.dense_model = fully_convolutional(model, average=True)
+    def __init__(self, model, class_names, mean_rgb, scales, top_k, max_pixels=DEFAULT_MAX_PIXELS):
+        self.dense_model = fully_convolutional(model)
         self.num_classes = self.dense_model.output_shape[-1]
         if len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for a model with {self.num_classes} classes")
         self._class_names = [str(name) for name in class_names]
         self._mean_rgb = [float(v) for v in mean_rgb]
-        # As in evaluation: a test scale below the training crop is evaluated at the crop, the smallest
-        # input whose score map is not empty.
-        crop = model.input_shape[1]
-        self._scales = [max(int(q), crop) for q in scales]
+        self._crop = int(model.input_shape[1])
+        self._scales = [int(q) for q in scales]
+        self._max_pixels = check_max_pixels(max_pixels, self._crop)
         self.top_k = min(int(top_k), self.num_classes)
 
     def _per_image(self, fn, elements):
@@ -100,7 +88,9 @@ class DenseServing:
         return {"probabilities": probabilities, "classes": classes, "scores": scores, "labels": labels}
 
     def _posteriors(self, image):
-        return dense_posteriors(self.dense_model, image, self._scales, self._mean_rgb)
+        return tf.reduce_mean(tf.stack([
+            dense_posteriors(self.dense_model, image, q, self._mean_rgb, self._crop, max_pixels=self._max_pixels)
+            for q in self._scales]), axis=0)
 
     def classify_bytes(self, image_bytes):
         indices = tf.range(tf.size(image_bytes))
@@ -189,12 +179,12 @@ def write_warmup(saved_model_dir, model_name):
             writer.write(record)
 
 
-def write_saved_model(path, run, model_name, scales, top_k, extend=None):
+def write_saved_model(path, run, model_name, scales, top_k, max_pixels=DEFAULT_MAX_PIXELS, extend=None):
     """The SavedModel of `run` at `path`: Keras's ExportArchive, whose variables the session loader of
     TF Serving finds (a raw tf.saved_model.save of Keras 3 variables fails there), plus the warm-up.
     extend(archive, serving, scales): adds more signatures (localisation.localise_extension)."""
     with float32_policy():
-        serving = DenseServing(as_float32(run.model), run.class_names, run.stats.mean_rgb, scales, top_k)
+        serving = DenseServing(as_float32(run.model), run.class_names, run.stats.mean_rgb, scales, top_k, max_pixels)
         archive = keras.export.ExportArchive()
         archive.track(serving.dense_model)
         for name, fn in serving.endpoints().items():
@@ -269,9 +259,11 @@ def _warn_stale_temporaries(model_dir):
               file=sys.stderr)
 
 
-def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS, extend=None):
+def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS, max_pixels=DEFAULT_MAX_PIXELS,
+           extend=None):
     """Export `model` (a run directory, a .keras file or a loaded Run) as out/NAME/<next version>/ and
-    rewrite out/models.config. name: default vgg_<config>; scales: default the paper's test scales.
+    rewrite out/models.config. name: default vgg_<config>; scales: default the paper's test scales;
+    max_pixels: the bound on one dense view in the graph (--max-pixels, `evaluate.bounded_view`).
 
     The version is built in out/NAME/.tmp-<version>-<pid> and renamed into place, so TF Serving only
     ever sees complete versions, an interrupted export leaves no numeric folder, and no existing
@@ -284,6 +276,7 @@ def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS,
     if int(top_k) < 1:
         raise ValueError(f"--top-k {top_k}: must be at least 1")
     scales = export_scales(run, scales)
+    check_max_pixels(max_pixels, run.model.input_shape[1])
 
     model_dir = os.path.join(out, name)
     os.makedirs(model_dir, exist_ok=True)
@@ -292,7 +285,7 @@ def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS,
     final = os.path.join(model_dir, str(version))
     tmp = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
     try:
-        write_saved_model(tmp, run, name, scales, top_k, extend)
+        write_saved_model(tmp, run, name, scales, top_k, max_pixels, extend)
         if os.path.exists(final):  # rename would replace an empty folder silently
             raise FileExistsError(f"{final} appeared during the export (another export of {name!r}?)")
         os.rename(tmp, final)

@@ -12,6 +12,9 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     `alpha` is Caffe's: divided by the window size. (TensorFlow's local_response_normalization takes the
     per-element alpha, i.e. alpha / size, and depth_radius = size // 2.)
+
+    Computed in float32 whatever the dtype policy (mixed_float16 included), returned in the policy's compute dtype:
+    an activation of 300 squares to 90000, beyond float16's range.
     """
 
     def __init__(self, size=5, alpha=1e-4, beta=0.75, k=2.0, **kwargs):
@@ -21,12 +24,15 @@ class LocalResponseNormalization(keras.layers.Layer):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def call(self, inputs):
-        squared = ops.square(inputs)
+        # Always float32: under mixed_float16 the squares of the activations LRN acts on (hundreds) overflow
+        # float16's 65504 and zero the channel and its neighbours (as Keras's own normalisation layers do).
+        x = ops.cast(inputs, "float32")
+        squared = ops.square(x)
         radius = self.size // 2
-        channels = inputs.shape[-1]
-        padded = ops.pad(squared, [[0, 0]] * (len(inputs.shape) - 1) + [[radius, radius]])
+        channels = x.shape[-1]
+        padded = ops.pad(squared, [[0, 0]] * (len(x.shape) - 1) + [[radius, radius]])
         window_sum = sum(padded[..., i : i + channels] for i in range(self.size))
-        return inputs / ops.power(self.k + (self.alpha / self.size) * window_sum, self.beta)
+        return ops.cast(x / ops.power(self.k + (self.alpha / self.size) * window_sum, self.beta), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -38,9 +38,10 @@ from tqdm import tqdm
 from . import boxes as vboxes
 from . import data as vdata
 from .data.decode import OK, SKIPPED, bad_file_reason
-from .data.images import decode_rgb, rescaled_size
+from .data.images import decode_rgb
 from .data.pipeline import center_window, element_seeds, eval_transform, stateless_seed, train_transform
-from .evaluate import ModelScorer, dense_maps, dense_scores, test_scales
+from .evaluate import (DEFAULT_MAX_PIXELS, ModelScorer, bounded_view, check_max_pixels, dense_maps, dense_scores,
+                       test_scales)
 from .model import build_vgg, conv_layers, fully_convolutional, initialize_from
 from .report import format_test_scales, format_train_scale, report_paths
 from .runs import load_run, write_json_atomic
@@ -218,8 +219,13 @@ class LocalisationTask:
         names = [layer.name for layer in model.layers if layer.weights and layer.name != "predictions"]
         return initialize_from(model, source, layer_names=names)
 
-    def train_dataset(self, source, cfg, stats, seed):
-        boxed = self.boxed(source)
+    def num_examples(self, source, split):
+        """Images of `split` with boxes, over all workers."""
+        return self.boxed(source).num_examples(split)
+
+    def train_dataset(self, share, batch, cfg, stats, seed):
+        """One worker's epoch (`share`: its distribute.WorkerShare) of (pixels, box target, weight) batches."""
+        boxed = BoxedRecords(share, self.boxed(share.source).box_set)
         scale = tuple(cfg.scale)
 
         def example(record, element_seed):
@@ -229,16 +235,16 @@ class LocalisationTask:
                                                      record["box_labels"], record["frame"], scale, cfg.crop)
             return pixels, target, weight
         records = tf.data.Dataset.zip(boxed.records("train", shuffle=True, seed=seed), element_seeds(seed))
-        return _batches(records, example, cfg.batch_size), boxed.num_examples("train")
+        return _batches(records, example, batch)
 
-    def val_dataset(self, source, cfg, stats):
-        boxed = self.boxed(source)
+    def val_dataset(self, share, batch, cfg, stats):
+        boxed = BoxedRecords(share, self.boxed(share.source).box_set)
 
         def example(record):
             target, weight = vboxes.center_box_target(record["image"], record["boxes"], record["box_labels"],
                                                       record["frame"], cfg.val_q, cfg.crop)
             return eval_transform(record["image"], cfg.val_q, cfg.crop, stats), target, weight
-        return _batches(boxed.records("val"), example, cfg.batch_size), boxed.num_examples("val")
+        return _batches(boxed.records("val"), example, batch)
 
 
 def prepare_config(cfg):
@@ -343,45 +349,50 @@ def center_boxes(member, data, label):
     return np.stack([b.numpy() for b in out])
 
 
-def dense_boxes(net_fn, image, q, mean_rgb, crop, flip=True):
+def dense_boxes(net_fn, image, q, mean_rgb, crop, flip=True, max_pixels=DEFAULT_MAX_PIXELS):
     """The boxes of every location of the dense net at test scale Q, in the pixels of `image` (float32 [h, w, 3]):
     float32 [locations, outputs / 4, 4] (all mirrors' locations; PCR: one box per class, SCR: one).
 
     `evaluate.dense_maps` applies net_fn (`fully_convolutional` of a localisation net) to the image rescaled to
-    max(Q, crop) and its mirror. Location (i, j) of the map saw the crop x crop window at (32 i, 32 j) of that
-    rescaled image (five 2x2 poolings), so its box, predicted in that window, is offset by (32 j, 32 i); a box of
-    the mirror's map is mirrored back; then every box is scaled to the image's pixels. TensorFlow ops only: the
-    serving graph (`LocaliseServing`) uses it too.
+    max(Q, crop) and its mirror, within `max_pixels` per view: `evaluate.bounded_view` says what it saw, the image
+    rescaled to `size` (a smaller Q for a large image) and, for a banner, only the window [top, left, h, w] of it.
+    Location (i, j) of the map saw the crop x crop patch at (32 i, 32 j) of that window (five 2x2 poolings), so its
+    box, predicted in that patch, is offset by (32 j, 32 i); a box of the mirror's map is mirrored back within the
+    window's width; the window's (left, top) is added, then every box is scaled from `size` to the image's pixels.
+    TensorFlow ops only: the serving graph (`LocaliseServing`) uses it too.
     """
-    maps = tf.cast(dense_maps(net_fn, image, q, mean_rgb, crop, flip), tf.float32)  # [views, rows, cols, d]
+    maps = tf.cast(dense_maps(net_fn, image, q, mean_rgb, crop, flip, max_pixels), tf.float32)  # [views, r, c, d]
     shape = tf.shape(image)
-    new_h, new_w = rescaled_size(shape[0], shape[1], max(int(q), int(crop)))
+    _, size, window = bounded_view(shape[0], shape[1], q, crop, max_pixels)
     views, rows, cols = tf.shape(maps)[0], tf.shape(maps)[1], tf.shape(maps)[2]
     params = tf.reshape(maps, [views, rows, cols, -1, 4])
-    boxes = vboxes.from_center_size(params, crop)  # in each location's window
+    boxes = vboxes.from_center_size(params, crop)  # in each location's patch
     x_off, y_off = tf.meshgrid(tf.range(cols) * STRIDE, tf.range(rows) * STRIDE)
     offsets = tf.cast(tf.stack([x_off, y_off, x_off, y_off], -1), tf.float32)[None, :, :, None, :]
-    boxes = boxes + offsets
-    width = tf.cast(new_w, tf.float32)
+    boxes = boxes + offsets  # in the window
+    width = tf.cast(window[3], tf.float32)
     mirrored = tf.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
     boxes = tf.where(tf.reshape(tf.range(views) == 1, [-1, 1, 1, 1, 1]), mirrored, boxes)
-    to_image = tf.cast(tf.stack([shape[1] / new_w, shape[0] / new_h] * 2), tf.float32)
+    boxes = boxes + tf.cast(tf.stack([window[1], window[0]] * 2), tf.float32)  # in the rescaled image
+    to_image = tf.cast(tf.stack([shape[1] / size[1], shape[0] / size[0]] * 2), tf.float32)
     return tf.reshape(boxes * to_image, [-1, tf.shape(params)[3], 4])
 
 
-def dense_box_maps(member, image, flip=True):
+def dense_box_maps(member, image, flip=True, max_pixels=DEFAULT_MAX_PIXELS):
     """`dense_boxes` of a member at each of its scales: a list of numpy float32 [locations, outputs / 4, 4]."""
-    return [dense_boxes(member.dense_fn, image, q, member.run.stats.mean_rgb, member.run.crop, flip).numpy()
-            for q in member.scales]
+    return [dense_boxes(member.dense_fn, image, q, member.run.stats.mean_rgb, member.run.crop, flip,
+                        max_pixels).numpy() for q in member.scales]
 
 
 _merge_fn = tf.function(vboxes.best_merged_box,
                         input_signature=[tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([], tf.float32)])
 
 
-def image_class_boxes(members, record, classes, protocol, flip=True, merge_iou=vboxes.MERGE_IOU):
+def image_class_boxes(members, record, classes, protocol, flip=True, merge_iou=vboxes.MERGE_IOU,
+                      max_pixels=DEFAULT_MAX_PIXELS):
     """{class: box [4] (image pixels)} for `classes`, from one record's bytes: center averages the members' centre
-    boxes, dense merges all the members' dense boxes greedily (`boxes.best_merged_box`)."""
+    boxes, dense merges all the members' dense boxes greedily (`boxes.best_merged_box`), each view within
+    `max_pixels` pixels (`evaluate.bounded_view`)."""
     data = record["image"]
     result = {}
     if protocol == "center":
@@ -389,7 +400,7 @@ def image_class_boxes(members, record, classes, protocol, flip=True, merge_iou=v
             result[c] = np.mean(np.concatenate([center_boxes(m, data, c) for m in members]), axis=0)
         return result
     image = decode_rgb(data)
-    per_member = [np.concatenate(dense_box_maps(m, image, flip)) for m in members]  # [n, classes or 1, 4]
+    per_member = [np.concatenate(dense_box_maps(m, image, flip, max_pixels)) for m in members]  # [n, classes or 1, 4]
     for c in classes:
         pooled = np.concatenate([b[:, c if b.shape[1] > 1 else 0] for b in per_member])
         result[c] = _merge_fn(tf.constant(pooled, tf.float32), tf.constant(merge_iou, tf.float32)).numpy()
@@ -407,11 +418,11 @@ def localisation_errors(guesses, boxes, gt_labels, gt_boxes, ks=(1, 5)):
 
 def run_localisation_eval(models, classifier=None, data=None, boxes=None, split="val", protocol="dense", scales=None,
                           flip=True, merge_iou=vboxes.MERGE_IOU, limit=None, out=None, predictions=None, figure=None,
-                          progress=True):
+                          progress=True, max_pixels=DEFAULT_MAX_PIXELS):
     """`vgg-keras eval-localisation`: the localisation errors of `models` (localisation runs; several pool their
     boxes) on `split` of `data` (default: what the first was trained on) with ground truth `boxes` (default: its
     training boxes). `classifier` (a classification run) gives the top-5 guesses; without it only the GT-class
-    error is measured (the dense protocol needs it). Writes `out` (JSON) and its markdown table, per-image boxes
+    error is measured (the dense protocol needs it). `max_pixels` bounds every dense view (`--max-pixels`). Writes `out` (JSON) and its markdown table, per-image boxes
     to `predictions` (JSON lines), and a PNG of the first images with their boxes to `figure`. Returns the report."""
     if protocol not in ("center", "dense"):
         raise ValueError(f"--protocol {protocol!r}: expected center or dense")
@@ -421,6 +432,8 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
         raise ValueError(f"--limit {limit}: must be a positive number of images")
     members = load_members(models, protocol, scales)
     first = members[0].run
+    for member in members:
+        check_max_pixels(max_pixels, member.run.crop)
     spec = data or first.config.get("data")
     source = vdata.load_source(spec, **{k: first.config[k] for k in ("data_dir", "manual_dir", "val_fraction", "seed")
                                         if first.config.get(k) is not None})
@@ -432,7 +445,7 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
         cls_run = load_run(classifier)
         if list(cls_run.class_names) != list(first.class_names):
             raise ValueError(f"--classifier {classifier}: its classes are not those of {first.path}")
-        scorer, cls_scales = ModelScorer.from_run(cls_run), test_scales(cls_run.scale)
+        scorer, cls_scales = ModelScorer.from_run(cls_run, max_pixels=max_pixels), test_scales(cls_run.scale)
     boxed = BoxedRecords(source, box_set)
     records, total = boxed.records(split), boxed.num_examples(split)
     if limit:
@@ -454,7 +467,8 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
             posteriors = dense_scores(scorer, decode_rgb(record["image"]), cls_scales, flip)
             guesses = [int(c) for c in np.argsort(-posteriors, kind="stable")[:5]]
             scores = [float(posteriors[c]) for c in guesses]
-        boxes_of = image_class_boxes(members, record, sorted({label, *guesses}), protocol, flip, merge_iou)
+        boxes_of = image_class_boxes(members, record, sorted({label, *guesses}), protocol, flip, merge_iou,
+                                     max_pixels)
         gt_iou = float(np.max(vboxes.iou(boxes_of[label], gt_boxes[gt_labels == label]), initial=0.0))
         row = {"id": file_id, "label": label, "gt_iou": gt_iou, "guesses": guesses, "scores": scores,
                "boxes": {int(c): [round(float(v), 2) for v in b] for c, b in boxes_of.items()},
@@ -467,7 +481,7 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
     if not rows:
         raise ValueError(f"no image of the {split} split of {spec} has boxes in {box_set.path}")
     report = localisation_report(members, protocol, rows, merge_iou, flip, time.perf_counter() - start,
-                                 classifier, spec, split, box_set)
+                                 classifier, spec, split, box_set, max_pixels)
     print(markdown_table(report))
     if out:
         json_path, markdown_path = report_paths(out)
@@ -485,7 +499,8 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
     return report
 
 
-def localisation_report(members, protocol, rows, merge_iou, flip, seconds, classifier, spec, split, box_set):
+def localisation_report(members, protocol, rows, merge_iou, flip, seconds, classifier, spec, split, box_set,
+                        max_pixels=DEFAULT_MAX_PIXELS):
     gt_error = 100.0 * np.mean([row["gt_iou"] < 0.5 for row in rows])
     with_guesses = [row for row in rows if "errors" in row]
     top = {k: round(100.0 * np.mean([row["errors"][k] for row in with_guesses]), 2) if with_guesses else None
@@ -502,6 +517,7 @@ def localisation_report(members, protocol, rows, merge_iou, flip, seconds, class
     }
     return {"protocol": protocol, "images": len(rows), "data": spec, "split": split, "boxes": box_set.path,
             "box_counts": box_set.counts, "classifier": classifier, "flip": flip, "merge_iou": merge_iou,
+            "max_pixels": max_pixels,
             "mean_gt_iou": round(float(np.mean([row["gt_iou"] for row in rows])), 4),
             "gt_class_error": table_row["gt_class_error"], "top1_error": top[1], "top5_error": top[5],
             "wall_time_s": round(seconds, 2), "images_per_s": round(len(rows) / seconds, 3) if seconds else None,
@@ -587,14 +603,15 @@ class LocaliseServing:
         self.dense_model = fully_convolutional(as_float32(loc_run.model))
         self.mean_rgb = [float(v) for v in loc_run.stats.mean_rgb]
         self.scales, self.merge_iou = [int(q) for q in scales], float(merge_iou)
+        self.max_pixels = check_max_pixels(serving._max_pixels, self.crop)  # the classification export's bound
 
     def _one(self, image_bytes, index):
         from .export import checked_decode
 
         image = checked_decode(image_bytes, index)
         scores, classes = tf.math.top_k(self.serving._posteriors(image), k=self.serving.top_k)
-        boxes = tf.concat([dense_boxes(self.dense_model, image, q, self.mean_rgb, self.crop)
-                           for q in self.scales], 0)  # [n, classes or 1, 4]
+        boxes = tf.concat([dense_boxes(self.dense_model, image, q, self.mean_rgb, self.crop,
+                                       max_pixels=self.max_pixels) for q in self.scales], 0)  # [n, classes or 1, 4]
         columns = tf.where(tf.shape(boxes)[1] > 1, classes, tf.zeros_like(classes))
         per_class = tf.map_fn(lambda c: vboxes.best_merged_box(tf.gather(boxes, c, axis=1), self.merge_iou),
                               columns, fn_output_signature=tf.TensorSpec([4], tf.float32))

@@ -39,6 +39,7 @@ def build_vgg(
     init_std=0.01,
     seed=None,
     weights=None,
+    weights_channels="rgb",
     classifier_activation="softmax",
     name=None,
 ):
@@ -46,7 +47,9 @@ def build_vgg(
 
     weight_decay: the paper's number in Caffe semantics (5e-4 adds 5e-4 * w to the gradient).
     init: "paper" (normal, mean 0, std `init_std`, zero biases) or "glorot" (Glorot uniform).
-    weights: optional path to a keras.applications-style `.h5` / `.weights.h5` file, loaded by layer name.
+    weights: optional path to a keras.applications-style `.h5` / `.weights.h5` file, loaded by layer name;
+    weights_channels: the colour order that file expects ("bgr" for keras.applications' files: see
+    `load_weights_by_name`).
     """
     config = check_config(config)
     if num_classes is None or int(num_classes) < 1:
@@ -94,7 +97,7 @@ def build_vgg(
 
     model = keras.Model(inputs, x, name=name or f"vgg_{config.lower().replace('-', '_')}")
     if weights is not None:
-        load_weights_by_name(model, weights)
+        load_weights_by_name(model, weights, weights_channels)
     return model
 
 
@@ -181,12 +184,22 @@ def _read_h5_weights(path):
     return weights
 
 
-def load_weights_by_name(model, path):
+def load_weights_by_name(model, path, channels="rgb"):
     """Load weights by layer name from a keras.applications VGG16/VGG19 file (or any Keras h5 file).
 
+    channels: the colour order the file's first convolution expects, "rgb" (files this project writes) or "bgr"
+    (keras.applications' VGG16 / VGG19 files, converted from Caffe: their `preprocess_input` feeds BGR). This
+    project's pipelines feed RGB, so "bgr" reverses the input channels of the first conv kernel once, here.
     Every weighted layer of `model` must be found with matching shapes; returns the names loaded.
+    Raises ValueError for a missing layer, a shape mismatch or an unknown `channels`.
     """
+    if channels not in ("rgb", "bgr"):
+        raise ValueError(f"channels {channels!r}: expected 'rgb' or 'bgr' (keras.applications VGG files are 'bgr')")
     stored = _read_h5_weights(path)
+    first_conv = next(layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    if channels == "bgr" and first_conv in stored:
+        kernel, *rest = stored[first_conv]
+        stored[first_conv] = [kernel[:, :, ::-1, :], *rest]
     loaded = []
     for layer in model.layers:
         if not layer.weights:

@@ -48,6 +48,9 @@ def markdown_table(report):
         lines.append("| " + " | ".join(cells) + " |")
     data = f" of {report['data']} ({report['split']})" if report.get("data") else ""
     skipped = f" ({len(report['skipped'])} undecodable skipped)" if report.get("skipped") else ""
+    if report.get("bounded"):
+        skipped += (f" ({len(report['bounded'])} above --max-pixels {report['max_pixels']}: dense at a smaller Q, "
+                    "listed in the report)")
     lines.append("")
     lines.append(
         f"{report['images']} images{data}{skipped}; flip: {'yes' if report['flip'] else 'no'}; dense: "

@@ -23,7 +23,8 @@ import tensorflow as tf
 from . import data as vdata
 from .configs import check_config
 from .data.stats import IMAGENET_STATS, ColorStats
-from .distribute import distribution_strategy, fix_keras_for_multi_worker, is_chief
+from .distribute import (InputShareLog, WorkerShare, distributed_epoch, distribution_strategy,
+                         fix_keras_for_multi_worker, is_chief, on_chief, sync_from_chief, worker_failures)
 from .model import build_vgg, initialize_from
 from .runs import atomic_path, load_run, write_json_atomic
 
@@ -171,7 +172,8 @@ class RunDirectory:
                 os.remove(os.path.join(self.checkpoints, old))
 
     def restore_epoch(self, model, state):
-        model.optimizer.build(model.trainable_variables)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(self.checkpoints, state["checkpoint"]))
 
     def _write_csv(self, history):
@@ -313,16 +315,26 @@ def check_arguments(cfg, replicas):
     vdata.check_crop(tuple(cfg.scale), cfg.crop)  # Smin <= Smax, and the crop fits inside Smin
 
 
-def epoch_of(dataset, num_examples, batch_size):
-    """(dataset, steps) for one epoch of `num_examples`: a known length gives Keras a progress bar and all
-    workers the same number of steps (skipped bad files are made up by the repeat)."""
-    options = tf.data.Options()
-    # records are not one file per worker: shard by element
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
-    if not num_examples:
-        return dataset, None
-    return dataset.repeat(), math.ceil(num_examples / batch_size)
+def epoch_of(strategy, make_dataset, num_examples, batch_size):
+    """(distributed dataset, steps) for one epoch of `num_examples` records over all workers.
+
+    make_dataset(input_context, per_replica_batch) builds one input pipeline's (one worker's) batches from its own
+    share of the records (distribute.WorkerShare): each worker reads and decodes only its 1/N. A known length gives
+    Keras a progress bar and every worker the same number of steps, ceil(num_examples / global batch); the repeat
+    makes up for skipped bad files, so that no worker runs out before the others.
+    """
+    def one_pipeline(input_context, per_replica_batch):
+        dataset = make_dataset(input_context, per_replica_batch)
+        return dataset.repeat() if num_examples else dataset
+
+    steps = math.ceil(num_examples / batch_size) if num_examples else None
+    return distributed_epoch(strategy, one_pipeline, batch_size), steps
+
+
+def augmentation_seed(epoch_seed, share):
+    """The seed of a worker's crops, flips and colour shifts: the epoch's seed on a single worker, another one per
+    worker (the records' shuffle keeps the epoch's seed, so that the shares partition the split)."""
+    return epoch_seed if share.count == 1 else epoch_seed * share.count + share.index
 
 
 def learning_rate(model):
@@ -331,7 +343,10 @@ def learning_rate(model):
 
 class ClassificationTask:
     """What `train` trains: the model, the start weights, the datasets and the validation metric that picks
-    best.keras and drives the plateau schedule. Localisation supplies another (localisation.LocalisationTask)."""
+    best.keras and drives the plateau schedule. Localisation supplies another (localisation.LocalisationTask).
+
+    The datasets are per input pipeline (per worker): `share` is that pipeline's `distribute.WorkerShare` of the
+    source and `batch` its per-replica batch size; `num_examples` counts the whole split (all workers)."""
 
     monitor = "val_top1"
 
@@ -341,23 +356,25 @@ class ClassificationTask:
     def start_weights(self, model, cfg, num_classes):
         return start_weights(model, cfg, num_classes)
 
-    def train_dataset(self, source, cfg, stats, seed):
-        """(batches, examples per epoch) of one epoch drawn with `seed`."""
-        return (vdata.train_dataset(source, cfg.batch_size, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
-                                    seed=seed), source.num_examples("train"))
+    def num_examples(self, source, split):
+        return source.num_examples(split)
 
-    def val_dataset(self, source, cfg, stats):
-        return (vdata.val_dataset(source, cfg.batch_size, crop=cfg.crop, q=cfg.val_q, stats=stats),
-                source.num_examples("val"))
+    def train_dataset(self, share, batch, cfg, stats, seed):
+        """One epoch of `share`'s training batches, augmented with `seed`."""
+        return vdata.train_dataset(share, batch, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats, seed=seed)
+
+    def val_dataset(self, share, batch, cfg, stats):
+        return vdata.val_dataset(share, batch, crop=cfg.crop, q=cfg.val_q, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The entry point
 
 
-def train(cfg, return_model=False, task=None):
+def train(cfg, return_model=False, extra_callbacks=(), task=None):
     """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked).
-    `task`: what to train (default `ClassificationTask()`)."""
+    `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one).
+    `task`: what to train (default `ClassificationTask()`; localisation.LocalisationTask for box regression)."""
     task = task or ClassificationTask()
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
@@ -369,36 +386,52 @@ def train(cfg, return_model=False, task=None):
     resolved = {**dataclasses.asdict(cfg), "scale": list(cfg.scale), "num_classes": num_classes,
                 "val_q": cfg.val_q, "precision_policy": policy, "replicas": strategy.num_replicas_in_sync}
     run_dir = RunDirectory(cfg.run_dir, is_chief(strategy))
-    state = run_dir.prepare(resolved, source.class_names, stats)
+    # Across workers, the chief's run directory decides (the others need not see it): its checks, its state
+    state = on_chief(strategy, lambda: run_dir.prepare(resolved, source.class_names, stats))
 
-    schedule = PlateauSchedule(monitor=task.monitor, patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
+    schedule = PlateauSchedule(monitor=task.monitor, patience=cfg.plateau_patience,
+                               max_reductions=cfg.max_lr_reductions)
     with strategy.scope():
         model = task.build(cfg, num_classes)
-        if state:
+        model.optimizer.build(model.trainable_variables)
+    # Outside the scope: what only the chief does (load a checkpoint or a source run) must create no variable of
+    # the strategy, since each is a collective that the other workers would not join.
+    if state:
+        if run_dir.is_chief:
             run_dir.restore_epoch(model, state)
-            model.optimizer.learning_rate.assign(state["lr"])
-            schedule.restore(state["schedule"])
-            print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
-        else:
-            copied = task.start_weights(model, cfg, num_classes)
-            if copied:
-                print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: "
-                      f"{', '.join(copied)}")
+        model.optimizer.learning_rate.assign(state["lr"])
+        schedule.restore(state["schedule"])
+        print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+    elif run_dir.is_chief:
+        copied = task.start_weights(model, cfg, num_classes)
+        if copied:
+            source_run = getattr(cfg, "from_run", None) or cfg.init_from or cfg.finetune_from
+            print(f"Initialised {len(copied)} layers from {source_run}: {', '.join(copied)}")
+    sync_from_chief(strategy, model)  # the chief's weights and optimizer state on every worker
     fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
                                  state["best_top1"] if state else -1.0, task.monitor)
-    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN()]
+    input_log = InputShareLog()
+    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), input_log, *extra_callbacks]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
-    val_data, val_steps = epoch_of(*task.val_dataset(source, cfg, stats), cfg.batch_size)
+    val_data, val_steps = epoch_of(
+        strategy, lambda context, batch: task.val_dataset(WorkerShare(source, context), batch, cfg, stats),
+        task.num_examples(source, "val"), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
     for epoch in range(first_epoch, cfg.epochs):
-        # each epoch its own augmentation seed: a resumed run draws what the uninterrupted one would have
-        train_data, train_steps = epoch_of(*task.train_dataset(source, cfg, stats, cfg.seed * 100_003 + epoch),
+        # each epoch its own shuffle and augmentation seed: a resumed run draws what the uninterrupted one would have
+        def train_pipeline(context, batch, epoch_seed=cfg.seed * 100_003 + epoch):
+            share = input_log.share(source, context, shuffle_seed=epoch_seed)
+            return task.train_dataset(share, batch, cfg, stats, augmentation_seed(epoch_seed, share))
+
+        train_data, train_steps = epoch_of(strategy, train_pipeline, task.num_examples(source, "train"),
                                            cfg.batch_size)
-        model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data, validation_steps=val_steps,
-                  initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, verbose="auto")
+        with worker_failures(strategy, lambda: len(checkpoint.history) and checkpoint.history[-1]["epoch"]):
+            model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data,
+                      validation_steps=val_steps, initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks,
+                      verbose="auto")
         if checkpoint.nan_epoch:
             raise FloatingPointError(
                 f"the loss became NaN in epoch {checkpoint.nan_epoch}; training stopped. The last good checkpoint "

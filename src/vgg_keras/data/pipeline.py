@@ -73,6 +73,11 @@ def crop_window(shape, smallest_side, crop, offset):
     """The window [top, left, height, width] (int32) of an image of `shape` [h, w] that becomes the crop x crop crop
     at `offset` [top, left] of the image isotropically rescaled so that its smaller side is `smallest_side`."""
     ratio, _ = _rescaled(shape, smallest_side)
+    return _window(shape, ratio, crop, offset)
+
+
+def _window(shape, ratio, crop, offset):
+    """crop_window for a known rescaling `ratio` (rescaled pixels per original pixel)."""
     size = tf.minimum(tf.maximum(tf.cast(tf.round(crop / ratio), tf.int32), 1), shape)  # [2]
     start = tf.clip_by_value(tf.cast(tf.round(tf.cast(offset, tf.float32) / ratio), tf.int32), 0, shape - size)
     return tf.concat([start, size], 0)
@@ -82,17 +87,17 @@ def random_window(smallest_side, crop, position):
     """window_fn(shape) for `decode_window`: the crop at `position` [2] (uniform in [0, 1)) of all the possible
     positions in the rescaled image."""
     def window_fn(shape):
-        _, rescaled = _rescaled(shape, smallest_side)
+        ratio, rescaled = _rescaled(shape, smallest_side)  # once per image: it runs on every training crop
         offset = tf.minimum(tf.cast(position * tf.cast(rescaled - crop + 1, tf.float32), tf.int32), rescaled - crop)
-        return crop_window(shape, smallest_side, crop, offset)
+        return _window(shape, ratio, crop, offset)
     return window_fn
 
 
 def center_window(smallest_side, crop):
     """window_fn(shape) for `decode_window`: the central crop of the rescaled image."""
     def window_fn(shape):
-        _, rescaled = _rescaled(shape, smallest_side)
-        return crop_window(shape, smallest_side, crop, (rescaled - crop) // 2)
+        ratio, rescaled = _rescaled(shape, smallest_side)
+        return _window(shape, ratio, crop, (rescaled - crop) // 2)
     return window_fn
 
 

@@ -1,6 +1,6 @@
 """Where images come from: class folders, TFRecord shards written by `vgg-keras prepare`, or a TFDS data set.
 
-Every source has `class_names` (index = label), `records(split)` -> tf.data.Dataset of
+Every source has `class_names` (index = label), `records(split, shuffle, seed, shard)` -> tf.data.Dataset of
 {"image": encoded bytes, "label": int64, "id": path or key} and `num_examples(split)`; `load_source(spec)` picks the
 kind from the spec. Records carry encoded bytes: decoding is the pipeline's job (`decode.py`), so that a bad file
 is skipped and reported there rather than failing here.
@@ -23,6 +23,20 @@ TFDS_PREFIX = "tfds:"
 def check_split(split):
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+def check_shard(shard, shuffle, seed):
+    """`shard` = (index, count): this input pipeline reads the index-th of `count` disjoint shares of the split
+    (one per worker, see distribute.WorkerShare); None reads it all. A shuffled split is partitioned after a
+    shuffle that every worker must draw alike, hence the seed."""
+    if shard is None:
+        return None
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard!r}: expected (index, count) with 0 <= index < count")
+    if shuffle and seed is None:
+        raise ValueError("a shuffled split is sharded after a shuffle all workers draw alike: give it a seed")
+    return int(index), int(count)
 
 
 class FolderSource:
@@ -78,12 +92,15 @@ class FolderSource:
         check_split(split)
         return len(self._files[split][0])
 
-    def records(self, split, shuffle=False, seed=None):
+    def records(self, split, shuffle=False, seed=None, shard=None):
         check_split(split)
+        shard = check_shard(shard, shuffle, seed)
         paths, labels = self._files[split]
         files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
         if shuffle:  # shuffle names, not bytes: a whole-split shuffle costs almost nothing
             files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
+        if shard:  # every n-th name of the permutation all workers drew alike: only this share is read
+            files = files.shard(shard[1], shard[0])
         # Files that cannot be read were left out by _scan; one that vanishes later fails the read, and the
         # pipeline's ignore_errors drops it (TensorFlow's warning names it).
         return files.map(lambda path, label: {"image": tf.io.read_file(path), "label": label, "id": path},
@@ -141,12 +158,16 @@ class TFDSSource:
         except (KeyError, ValueError, TypeError):
             return None
 
-    def records(self, split, shuffle=False, seed=None):
+    def records(self, split, shuffle=False, seed=None, shard=None):
         import tensorflow_datasets as tfds
 
         check_split(split)
+        shard = check_shard(shard, shuffle, seed)
+        name = self._splits[split]
+        if shard:  # a fixed contiguous 1/count of the records, of which TFDS reads only the files that hold it
+            name = tfds.even_splits(name, n=shard[1])[shard[0]]
         ds = self.builder.as_dataset(
-            split=self._splits[split], shuffle_files=shuffle,
+            split=name, shuffle_files=shuffle,
             decoders={self._image_key: tfds.decode.SkipDecoding()},
             read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True))
         if shuffle:

@@ -18,7 +18,7 @@ import tqdm
 
 from .decode import SKIPPED, robust_map
 from .images import decode_rgb
-from .sources import SHUFFLE_BUFFER, SPLITS, check_split
+from .sources import SHUFFLE_BUFFER, SPLITS, check_shard, check_split
 
 METADATA = "vgg-keras-tfrecords.json"
 FORMAT = "vgg-keras-tfrecords/1"
@@ -56,18 +56,30 @@ class TFRecordSource:
         check_split(split)
         return int(self._splits[split]["num_examples"])
 
-    def records(self, split, shuffle=False, seed=None):
+    def records(self, split, shuffle=False, seed=None, shard=None):
         check_split(split)
+        shard = check_shard(shard, shuffle, seed)
         paths = [str(self.directory / name) for name in self._splits[split]["files"]]
         files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
         if shuffle:
             files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
+        by_file = shard and shards_balance(len(paths), shard[1])
+        if by_file:  # every n-th file of the permutation all workers drew alike: only this share is read
+            files = files.shard(shard[1], shard[0])
         # A fixed cycle length (not AUTOTUNE) keeps the order the same on every machine.
         records = files.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if shard and not by_file:  # too few files to split evenly: read all, parse and decode every n-th record
+            records = records.shard(shard[1], shard[0])
         if shuffle:
             records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
         return records.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def shards_balance(num_files, workers):
+    """Whether `num_files` files (of equal size, as `prepare` writes them) split over `workers` by file give every
+    worker the same share within 10 %: an equal number each, or at least 10 each."""
+    return num_files % workers == 0 or num_files >= 10 * workers
 
 
 def _parse(serialized):
