@@ -185,3 +185,60 @@ def test_tfds_imagenet2012_from_fake_tars(tmp_path):
     assert all(val[name][0] == images[name] for name in val)
     again = load_source("tfds:imagenet2012", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "nowhere")
     assert again.num_examples("train") == 6  # prepared once, then read
+
+
+class _TinyBuilder(tfds.core.GeneratorBasedBuilder):
+    """A two-class image data set built offline; subclasses choose which splits it has."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLIT_SIZES = {}
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                               "label": tfds.features.ClassLabel(names=["a", "b"])})
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=features)
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, size) for split, size in self.SPLIT_SIZES.items()}
+
+    def _generate_examples(self, split, size):
+        for i in range(size):
+            yield f"{split}{i}", {"image": noise(20, 24, seed=i), "label": i % 2}
+
+
+class TinyTrainTest(_TinyBuilder):
+    SPLIT_SIZES = {"train": 10, "test": 4}
+
+
+class TinyTrainOnly(_TinyBuilder):
+    SPLIT_SIZES = {"train": 10}
+
+
+def test_tfds_val_is_test_split_else_the_end_of_train(tmp_path):
+    with_test = load_source("tfds:tiny_train_test", data_dir=tmp_path)
+    assert (with_test.num_examples("train"), with_test.num_examples("val")) == (10, 4)
+    assert all("-test.tfrecord" in key for key in contents(with_test, "val"))  # TFDS ids name the split file
+    train_only = load_source("tfds:tiny_train_only", data_dir=tmp_path, val_fraction=0.2)
+    assert (train_only.num_examples("train"), train_only.num_examples("val")) == (8, 2)
+    train, val = contents(train_only, "train"), contents(train_only, "val")
+    assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)  # train[:80%] and train[80%:]
+
+
+def test_evaluation_uses_exactly_the_images_training_held_out(tmp_path):
+    """No val/ folder: evaluation rebuilds the seeded split from the run's recorded options."""
+    from conftest import make_run_dir
+
+    from vgg_keras.evaluate import load_eval_source
+    from vgg_keras.runs import load_run
+
+    root = write_files(tmp_path / "data", good_images(("a", "b", "c"), 8))
+    run_dir = make_run_dir(tmp_path / "run")
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(data=str(root), val_fraction=0.25, seed=7, data_dir=None, manual_dir=None)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    _, source = load_eval_source(load_run(str(run_dir)))
+    trained = load_source(root, val_fraction=0.25, seed=7)  # as train.train loads it
+    held_out = set(contents(source, "val"))
+    assert held_out == set(contents(trained, "val")) and len(held_out) == 6
+    assert not held_out & set(contents(trained, "train"))
+    assert held_out != set(contents(load_source(root, val_fraction=0.25, seed=0), "val"))  # the seed matters

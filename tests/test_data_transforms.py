@@ -171,10 +171,24 @@ def test_window_decode_matches_decoding_and_rescaling_everything(imagenet_sample
 
 
 def test_val_dataset_centre_crops_every_image_in_order():
-    items = [(encode(np.full((60 + 10 * i, 40, 3), 20 * i, np.uint8), "PNG"), i % 2, f"f{i}") for i in range(5)]
+    """Smooth noise images of several shapes: each crop is the centre of the image rescaled to Q (computed here by
+    rescaling the whole image), closer to it than the same crop one pixel off, so the position is checked."""
+    def smooth(height, width, seed):
+        small = noise(height // 4 + 1, width // 4 + 1, seed=seed).astype(np.float32)
+        return tf.cast(tf.image.resize(small, [height, width], method="bicubic"), tf.uint8).numpy()
+
+    pictures = [smooth(60 + 10 * i, 40 + 25 * (i % 3), seed=i) for i in range(5)]
+    items = [(encode(picture, "PNG"), i % 2, f"f{i}") for i, picture in enumerate(pictures)]
     images, labels = batches(val_dataset(BytesSource(items), 2, crop=32, q=40, stats=ZERO_MEAN))
     assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 0, 1, 0]
-    np.testing.assert_allclose(images.mean((1, 2, 3)), [0, 20, 40, 60, 80], atol=1e-3)
+    for picture, crop in zip(pictures, images):
+        rescaled = rescale(tf.constant(picture, tf.float32), 40).numpy()
+        top, left = (rescaled.shape[0] - 32) // 2, (rescaled.shape[1] - 32) // 2
+        centre = rescaled[top:top + 32, left:left + 32]
+        for dy, dx in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+            if 0 <= top + dy <= rescaled.shape[0] - 32 and 0 <= left + dx <= rescaled.shape[1] - 32:
+                off = rescaled[top + dy:top + dy + 32, left + dx:left + dx + 32]
+                assert np.abs(crop - centre).mean() < 0.7 * np.abs(off - centre).mean(), (picture.shape, dy, dx)
 
 
 def smooth_photo(height, width, seed):

@@ -111,7 +111,7 @@ def _source(args):
     from .data import load_source
 
     return load_source(args.data, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                       val_fraction=args.val_fraction, seed=args.seed)
+                       val_fraction=args.val_fraction, seed=args.seed, layout=args.layout, val_labels=args.val_labels)
 
 
 def cmd_prepare(args):
@@ -139,6 +139,9 @@ def cmd_check_data(args):
 
     report = check_data(_source(args), scale=parse_scale(args.scale), crop=args.crop, seed=args.seed)
     print(report.format())
+    if args.json:
+        report.write_json(args.json)
+        print(f"report written to {args.json}")
     return 0 if report.used else 1
 
 
@@ -184,6 +187,11 @@ def _add_data_flags(p, seed_help="seed of the validation split (and of sampling)
     p.add_argument("--manual-dir", help="TFDS manual directory (imagenet2012: the ILSVRC tars)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation split when the data has no val/")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--layout", default="auto", choices=["auto", "classes", "splits"],
+                   help="class folders: DATA/<class>/ (classes) or DATA/train/<class>/ and DATA/val/ (splits); auto: "
+                   "splits when DATA holds only train/ (of folders) and val/ (README, Data)")
+    p.add_argument("--val-labels", metavar="CSV", help="labels of a flat DATA/val/ of images: LOC_val_solution.csv "
+                   "or file,label rows (default: found beside the data)")
 
 
 def max_pixels(args):
@@ -231,6 +239,7 @@ def build_parser():
     _add_data_flags(p, seed_help="seed of the validation split and of the augmentation")
     p.add_argument("--scale", default="256", help="training scale S: 256 (fixed) or 256:512 (jittered)")
     p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON (written atomically)")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train", help="train a configuration with the paper's recipe (resumes an unfinished run)")

@@ -53,8 +53,10 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in a path and in
 
 
 def checked_decode(image_bytes, index):
-    """decode_rgb, after the data pipeline's check of the bytes: a bad element fails the request with a message
-    that names it and says why (not an image, empty, truncated)."""
+    """decode_rgb (as a viewer shows the image: JPEG EXIF orientation, BMP palettes; data/images.py), after the data
+    pipeline's check of the bytes: a bad element fails the request with a message that names it and says why (not
+    an image, empty, truncated, or a BMP variant / animated WebP that only Pillow decodes, which a serving graph
+    cannot hold: `vgg-keras predict` converts those before the request)."""
     reason = bad_file_reason(image_bytes)
     why = tf.gather(tf.constant([REASONS.get(code, "") for code in range(max(REASONS) + 1)]), reason)
     message = tf.strings.join(["image_bytes[", tf.strings.as_string(index), "]: ", why])

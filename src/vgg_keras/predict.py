@@ -1,5 +1,8 @@
 """`vgg-keras predict`: classify image files with an exported SavedModel, through the signature TF Serving
-serves (`serving_default`, encoded image bytes in), loaded with tf.saved_model.load."""
+serves (`serving_default`, encoded image bytes in), loaded with tf.saved_model.load.
+
+The BMP variants and animated WebPs the serving graph cannot decode (1/2/4/16-bit, RLE, BI_BITFIELDS; see
+data/decode.py) are re-encoded as PNG by Pillow here, before the request, as a client of TF Serving would."""
 
 import os
 import re
@@ -7,7 +10,9 @@ import sys
 
 import tensorflow as tf
 
+from .data.decode import PILLOW_ONLY, bad_file_reason, error_line, transcode
 from .export import BYTES_SIGNATURE, versions
+
 
 
 def version_dir(saved_model, version=None):
@@ -34,15 +39,15 @@ def error_message(err):
     assertion = re.search(r"assertion failed: \[(.*)\]", err.message)  # greedy: the message has [i]
     if assertion:
         return assertion.group(1).replace("image_bytes[0]: ", "")  # one image per request: no index
-    lines = [line.strip() for line in err.message.splitlines()]
-    useful = [line for line in lines if line and not line.startswith(("[[", "Graph execution error", "Detected at"))]
-    return useful[0] if useful else err.message
+    return error_line(err.message)
 
 
 def classify_file(signature, path):
     """The signature's outputs for one image file, batch dimension removed."""
     with open(path, "rb") as f:
         image_bytes = f.read()
+    if int(bad_file_reason(tf.constant(image_bytes))) == PILLOW_ONLY:
+        image_bytes = transcode(image_bytes)
     outputs = signature(image_bytes=tf.constant([image_bytes]))
     return {key: value.numpy()[0] for key, value in outputs.items()}
 

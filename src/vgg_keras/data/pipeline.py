@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from .decode import checked_batches, decode_window
 from .images import add_per_channel, subtract_mean
-from .sources import check_split
+from .sources import check_split, expected_records, require_examples
 from .stats import IMAGENET_STATS
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -172,7 +172,7 @@ def train_dataset(src, batch_size, scale=(256, 256), crop=224, stats=IMAGENET_ST
     return checked_batches(
         records, lambda data, element_seed: train_transform(data, stateless_seed(element_seed), scale, crop, stats,
                                                             flip, color_shift),
-        tf.zeros([crop, crop, 3]), batch_size)
+        tf.zeros([crop, crop, 3]), batch_size, **expected_records(src, split))
 
 
 def val_dataset(src, batch_size, crop=224, q=256, stats=IMAGENET_STATS, split="val"):
@@ -180,5 +180,6 @@ def val_dataset(src, batch_size, crop=224, q=256, stats=IMAGENET_STATS, split="v
     _check_batch_size(batch_size)
     check_split(split)
     check_crop(q, crop, scale_flag="--q")
+    require_examples(src, split)  # before any training step: an empty validation split cannot drive the schedule
     return checked_batches(src.records(split), lambda data: eval_transform(data, q, crop, stats),
-                           tf.zeros([crop, crop, 3]), batch_size)
+                           tf.zeros([crop, crop, 3]), batch_size, **expected_records(src, split))

@@ -5,10 +5,17 @@ Each record holds the file's encoded bytes unchanged, its label, class name and 
 and listed in the metadata. Records are written in a seeded random order, round-robin over the shards, so that
 reading shards in a shuffled, interleaved order with a modest shuffle buffer mixes the classes well. Shards are
 written under a temporary name and renamed when complete; the metadata file, written last, marks a finished
-directory (`load_source` recognises the directory by it).
+directory (`load_source` recognises the directory by it). It records each shard's record count and size in bytes.
+
+Damage (a flipped byte fails a record's CRC, and TensorFlow stops reading the shard there; a truncated shard loses
+its last record) is detected against the metadata: `damaged_shards` reads every shard (for `check-data`, which names
+each damaged shard and the records lost), and loading the source compares the shards' sizes (cheap) and warns. The
+training pipeline reads each shard with its own `ignore_errors`, so one damaged shard does not stop the others, and
+warns at the end of each pass how many records it did not get (`decode.checked_batches`).
 """
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -16,7 +23,7 @@ import pathlib
 import tensorflow as tf
 import tqdm
 
-from .decode import SKIPPED, robust_map
+from .decode import SKIPPED, display_id, robust_map
 from .images import decode_rgb
 from .sources import SHUFFLE_BUFFER, SPLITS, check_shard, check_split
 
@@ -24,6 +31,8 @@ METADATA = "vgg-keras-tfrecords.json"
 FORMAT = "vgg-keras-tfrecords/1"
 RECORDS_PER_SHARD = 1024  # default shard count: about 100 MB of ImageNet JPEGs per shard
 MAX_OPEN_SHARDS = 16  # shards read at once
+
+log = logging.getLogger("vgg_keras.data")
 
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -49,8 +58,51 @@ class TFRecordSource:
                 raise ValueError(f"format {self.metadata.get('format')!r}, expected {FORMAT!r}")
             self.class_names = list(self.metadata["class_names"])
             self._splits = {split: self.metadata["splits"][split] for split in SPLITS}
+            for split in SPLITS:
+                int(self._splits[split]["num_examples"]), list(self._splits[split]["files"])
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"--data {directory}: unreadable {METADATA} ({err})") from None
+            raise ValueError(f"--data {directory}: unreadable {METADATA} ({err}); it is written by "
+                             "`vgg-keras prepare` (run it again into a new directory)") from None
+        for split in SPLITS:
+            for shard, (expected, size) in self._shard_sizes(split).items():
+                if size is not None and size != expected:
+                    log.warning("damaged TFRecord shard %s: %d bytes, %d when written (run `vgg-keras check-data "
+                                "--data %s` for the records lost)", shard, size, expected, directory)
+
+    def _shard_sizes(self, split):
+        """{shard path: (size written, size now or None when missing)} of the shards whose size was recorded."""
+        entry = self._splits[split]
+        sizes = {}
+        for name, written in zip(entry["files"], entry.get("shard_bytes", [])):
+            path = self.directory / name
+            sizes[str(path)] = (written, path.stat().st_size if path.is_file() else None)
+        return sizes
+
+    def shard_counts(self, split):
+        """{shard path: records written}: from the metadata, or from the round-robin rule `prepare` writes by."""
+        entry = self._splits[split]
+        names, total = entry["files"], int(entry["num_examples"])
+        counts = entry.get("shard_counts") or [total // len(names) + (i < total % len(names))
+                                               for i in range(len(names))]
+        return {str(self.directory / name): int(count) for name, count in zip(names, counts)}
+
+    def damaged_shards(self, split):
+        """{shard path: {"expected": records written, "read": records readable, "error": why}} of the shards of
+        `split` that do not read back as written (CRC error, truncation, missing file, extra records). Reads every
+        shard once."""
+        damaged = {}
+        for shard, expected in self.shard_counts(split).items():
+            read, error = 0, None
+            try:
+                for _ in tf.data.TFRecordDataset(shard).as_numpy_iterator():
+                    read += 1
+            except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
+                    tf.errors.InvalidArgumentError) as err:
+                error = err.message.strip().splitlines()[0]
+            if read != expected or error:
+                damaged[display_id(shard)] = {"expected": expected, "read": read,
+                                              "error": error or f"{read} records, {expected} written"}
+        return damaged
 
     def num_examples(self, split):
         check_split(split)
@@ -66,8 +118,10 @@ class TFRecordSource:
         by_file = shard and shards_balance(len(paths), shard[1])
         if by_file:  # every n-th file of the permutation all workers drew alike: only this share is read
             files = files.shard(shard[1], shard[0])
-        # A fixed cycle length (not AUTOTUNE) keeps the order the same on every machine.
-        records = files.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
+        # A fixed cycle length (not AUTOTUNE) keeps the order the same on every machine. Each shard has its own
+        # ignore_errors: a damaged one ends early (counted by the training pipeline), the others are read whole.
+        records = files.interleave(lambda path: tf.data.TFRecordDataset(path).ignore_errors(),
+                                   cycle_length=max(1, min(len(paths), MAX_OPEN_SHARDS)),
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if shard and not by_file:  # too few files to split evenly: read all, parse and decode every n-th record
             records = records.shard(shard[1], shard[0])
@@ -115,7 +169,7 @@ def _write_split(source, split, out_dir, num_shards, seed):
         for record, ok in tqdm.tqdm(records, total=source.num_examples(split), desc=f"prepare {split}",
                                     unit="img"):
             if not ok:
-                skipped.append(record["id"].decode("utf-8", "replace"))
+                skipped.append(display_id(record["id"]))
                 continue
             label = int(record["label"])
             writers[written % num_shards].write(
@@ -127,7 +181,9 @@ def _write_split(source, split, out_dir, num_shards, seed):
             writer.close()
     for name in names:
         os.replace(out_dir / (name + ".tmp"), out_dir / name)
-    return {"num_examples": written, "files": names, "class_counts": counts}, skipped
+    shard_counts = [written // num_shards + (i < written % num_shards) for i in range(num_shards)]
+    return {"num_examples": written, "files": names, "class_counts": counts, "shard_counts": shard_counts,
+            "shard_bytes": [(out_dir / name).stat().st_size for name in names]}, skipped
 
 
 def prepare(source, out_dir, shards=None, seed=0):
@@ -151,7 +207,7 @@ def prepare(source, out_dir, shards=None, seed=0):
         metadata["splits"][split], skipped = _write_split(source, split, out_dir, num_shards, seed)
         reasons = SKIPPED.reasons()
         metadata["skipped"].update({file_id: reasons.get(file_id, "undecodable") for file_id in skipped})
-    tmp = out_dir / (METADATA + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
-    os.replace(tmp, out_dir / METADATA)
+    from ..runs import write_json_atomic  # here: runs imports this package
+
+    write_json_atomic(out_dir / METADATA, metadata)
     return metadata
