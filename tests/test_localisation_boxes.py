@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from test_data_fixtures import encode, exif_app1, with_segment
 from vgg_keras import boxes as vb
 from vgg_keras.data.pipeline import train_transform
 from vgg_keras.data.stats import IMAGENET_STATS
@@ -130,13 +131,21 @@ def _png(array):
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_box_target_sees_the_pixels_of_the_training_crop(seed):
+def _phone_jpeg(image):
+    """JPEG bytes stored rotated, with EXIF Orientation 6 (turn 90 degrees clockwise): a viewer shows `image`."""
+    stored = np.asarray(Image.fromarray(image).transpose(Image.ROTATE_90))
+    return with_segment(encode(stored, quality=95, subsampling=0), exif_app1(6))
+
+
+@pytest.mark.parametrize("seed, fmt", [(0, "png"), (1, "png"), (2, "png"), (3, "png"), (4, "png"), (5, "png"),
+                                       (0, "phone"), (3, "phone")])
+def test_box_target_sees_the_pixels_of_the_training_crop(seed, fmt):
     """A white rectangle on black: the target box of a training crop (rescale to S, window, flip) is where the
-    crop's white pixels are."""
+    crop's white pixels are; boxes are in the displayed image's frame (a phone JPEG's EXIF orientation applied)."""
     image = np.zeros((60, 90, 3), np.uint8)
     image[20:44, 30:66] = 255  # box [30, 20, 66, 44]
-    data = tf.constant(_png(image))
+    data = tf.constant(_png(image) if fmt == "png" else _phone_jpeg(image))
+    assert list(vb.image_shape(data).numpy()) == [60, 90]
     seed_pair = tf.constant([seed, 0], tf.int64)
     pixels = train_transform(data, seed_pair, (40, 56), 32, IMAGENET_STATS, color_shift=False).numpy()
     white = pixels.mean(-1) + np.mean(IMAGENET_STATS.mean_rgb) > 127

@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ElementTree
 import numpy as np
 import tensorflow as tf
 
-from .data.decode import is_jpeg
+from .data.images import displayed_size
 from .data.pipeline import center_window, random_window, training_choices
 
 MIN_VISIBLE = 0.5  # OverFeat: windows overlapping the box by less than half do not train the regressor
@@ -246,9 +246,9 @@ def load_boxes(path, class_names):
 
 
 def image_shape(data):
-    """[h, w] int32 of encoded image bytes: from a JPEG's header, else by decoding (as `decode_window` does)."""
-    return tf.cond(is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[:2],
-                   lambda: tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False))[:2])
+    """[h, w] int32 of encoded image bytes as displayed (EXIF orientation applied, the frame of `decode_window`'s
+    windows and of `decode_rgb`): `data.images.displayed_size`."""
+    return displayed_size(data)
 
 
 def to_image_frame(boxes, frame, shape):
