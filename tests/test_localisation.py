@@ -182,3 +182,34 @@ def test_export_localise_signature_answers_through_the_session_loader(tmp_path):
                                      "dense")
     for column, c in enumerate(served["classes"][0]):
         np.testing.assert_allclose(served["boxes"][0, column], expected[int(c)], rtol=1e-3, atol=1e-2)
+
+
+def test_train_localisation_runs_train_loop_from_the_classifier(tmp_path):
+    """`train-localisation` through train.train's loop (per-worker input pipelines, the chief's start weights): one
+    epoch on a few boxed images; with --fine-tune fc the conv layers stay the classification run's."""
+    data = tmp_path / "data"
+    items = []
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(3):
+            for i in range(count):
+                image = np.zeros((48, 64, 3), np.uint8)
+                x0, y0 = 4 + 8 * c + i, 6 + 4 * i
+                image[y0:y0 + 24, x0:x0 + 30] = 255
+                path = data / split / f"class_{c}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(_png(image))
+                items.append({"file": f"{split}/class_{c}/{i}.png", "label": f"class_{c}", "width": 64, "height": 48,
+                              "box": [x0, y0, x0 + 30, y0 + 24]})
+    (data / "annotations.json").write_text(json.dumps({"classes": [f"class_{c}" for c in range(3)], "images": items}))
+    classifier = make_run_dir(tmp_path / "cls", num_classes=3, crop=32, scale=(32, 40), seed=7)  # not cfg's seed
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps({**config, "data": str(data), "batch_size": 4}))
+    cfg = loc.LocalisationConfig(from_run=str(classifier), run_dir=str(tmp_path / "loc"), epochs=1, fine_tune="fc",
+                                 init="glorot")
+    state = loc.train_localisation(cfg)
+    assert state["epoch"] == 1 and "val_iou" in state["history"][0] and 0 <= state["best_top1"] <= 1
+    trained, source = load_run(tmp_path / "loc").model, load_run(classifier).model
+    assert trained.output_shape == (None, 12)
+    for layer in conv_layers(source):
+        for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b)
