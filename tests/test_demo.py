@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_keras.data.demo import CLASSES, make_demo_data
+from vgg_keras.data.demo import CENTRE_SPREAD, CLASSES, make_demo_data
 
 
 def _digest(root):
@@ -38,8 +38,11 @@ def test_layout_counts_and_boxes(tmp_path):
             sizes.add(image.size)
         xmin, ymin, xmax, ymax = entry["box"]
         assert 0 <= xmin < xmax <= entry["width"] and 0 <= ymin < ymax <= entry["height"]
-        # objects fill 40-85 % of the shorter side (some outlines are narrower than their radius)
-        assert max(xmax - xmin, ymax - ymin) >= 0.2 * min(entry["width"], entry["height"])
+        # objects fill 50-90 % of the shorter side (some outlines are narrower than their radius)
+        assert max(xmax - xmin, ymax - ymin) >= 0.25 * min(entry["width"], entry["height"])
+        # near the centre, where the validation crop looks (a box's centre is off its shape's by < 0.3 its size)
+        for low, high, side in ((xmin, xmax, entry["width"]), (ymin, ymax, entry["height"])):
+            assert abs((low + high) / 2 - side / 2) <= CENTRE_SPREAD * side + 0.3 * (high - low) + 1
     assert len(sizes) > 0.8 * len(annotations["images"])  # varied image sizes and aspect ratios
     assert len({round(w / h, 1) for w, h in sizes}) > 5
 

@@ -216,8 +216,8 @@ def build_parser():
 
     p = sub.add_parser("make-demo-data", help="generate the embedded demo data set (shapes on clutter, with boxes)")
     p.add_argument("dir", help="an empty or new directory")
-    p.add_argument("--train-per-class", type=int, default=300)
-    p.add_argument("--val-per-class", type=int, default=30)
+    p.add_argument("--train-per-class", type=int, default=500)
+    p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
 

@@ -5,7 +5,9 @@
     RUN/class_names.json   list of class names, index = label
     RUN/stats.json         ColorStats used for mean subtraction and colour shift
     RUN/best.keras         the best model by validation top-1
-    RUN/last.keras         the model after the last completed epoch
+    RUN/checkpoints/, state.json, log.csv, tensorboard/, history.png
+                           training's own: the model and optimizer after the last completed epochs, and the
+                           state and history that resuming reads (see train.py)
 """
 
 import contextlib
@@ -46,7 +48,8 @@ def write_json_atomic(path, data):
 
 
 def load_run(path, which="best"):
-    """Load a run directory (its `best.keras` by default) or a bare `.keras` model file."""
+    """Load a run directory (its `<which>.keras`: `best.keras`, the only model file training writes) or a bare
+    `.keras` model file."""
     if os.path.isdir(path):
         model_path = os.path.join(path, f"{which}.keras")
         if not os.path.exists(model_path):

@@ -1,13 +1,14 @@
 """Training: the paper's recipe (Section 3.1 / PAPER.md section 2) under tf.distribute, resumable after a crash.
 
 Entry point: `train(TrainConfig(...))`. One epoch is one `model.fit` call, so that each epoch draws its
-own augmentation (seed + epoch) and a resumed run continues exactly where the last checkpoint left it.
+own augmentation (seed + epoch) and a resumed run continues exactly where the last checkpoint left it; each call
+is told the run's real epoch total (Keras shows "Epoch 3/10") and `OneEpochPerFit` ends it after its epoch.
 
 The run directory (see runs.py) gets, besides config.json / class_names.json / stats.json / best.keras:
     checkpoints/epoch_NNNN.weights.h5   model + optimizer state after epoch NNNN (the last two kept)
     state.json                          completed epochs, schedule state, per-epoch history, finished flag
-    log.csv, tensorboard/, history.png
-Every file is written to a temporary name and renamed, so a kill at any moment leaves the last good one.
+    log.csv, tensorboard/ (TensorBoard's own event files, appended), history.png (written last, by finish())
+Every other file is written to a temporary name and renamed, so a kill at any moment leaves the last good one.
 """
 
 import csv
@@ -25,6 +26,7 @@ from .configs import check_config
 from .data.stats import IMAGENET_STATS, ColorStats
 from .distribute import (InputShareLog, WorkerShare, distributed_epoch, distribution_strategy,
                          fix_keras_for_multi_worker, is_chief, on_chief, sync_from_chief, worker_failures)
+from .machine import cpu_line
 from .model import build_vgg, initialize_from
 from .runs import atomic_path, load_run, write_json_atomic
 
@@ -79,10 +81,14 @@ class PlateauSchedule(keras.callbacks.Callback):
         self.best, self.wait, self.reductions, self.ended_on_plateau = -math.inf, 0, 0, False
 
     def state(self):
-        return {"best": self.best, "wait": self.wait, "reductions": self.reductions}
+        """The counters, and whether the plateau ended training (checkpointed with the epoch that ended it, so
+        that a run killed before `finish()` does not train on when it resumes)."""
+        return {"best": self.best, "wait": self.wait, "reductions": self.reductions,
+                "ended_on_plateau": self.ended_on_plateau}
 
     def restore(self, state):
         self.best, self.wait, self.reductions = state["best"], state["wait"], state["reductions"]
+        self.ended_on_plateau = state.get("ended_on_plateau", False)  # absent from older state files
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -185,9 +191,11 @@ class RunDirectory:
             writer.writerows(history)
 
     def finish(self, state):
+        """history.png, then the finished flag: a run marked finished has all its files."""
         if self.is_chief:
+            with atomic_path(self.file("history.png")) as tmp:
+                plot_history(state["history"], tmp)
             write_json_atomic(self.file("state.json"), {**state, "finished": True})
-            plot_history(state["history"], self.file("history.png"))
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -217,9 +225,19 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 "lr": learning_rate(self.model), "history": self.history}
 
 
+class OneEpochPerFit(keras.callbacks.Callback):
+    """Ends a `fit(initial_epoch=e, epochs=total)` call after its one epoch. `train` tells each call the run's
+    total so that Keras' progress shows "Epoch e+1/total"; this stop is not the plateau's (`PlateauSchedule.
+    ended_on_plateau`) nor the NaN's (`EpochCheckpoint.nan_epoch`), which `train` reads instead of
+    `model.stop_training`."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
 def plot_history(history, path):
-    """history.png: each logged quantity (loss, top-1, top-5; a localisation run's IoU) and the learning rate per
-    epoch, training and validation in one panel."""
+    """history.png (PNG at `path`): each logged quantity (loss, top-1, top-5; a localisation run's IoU) and the
+    learning rate per epoch, training and validation in one panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,6 +355,15 @@ def augmentation_seed(epoch_seed, share):
     return epoch_seed if share.count == 1 else epoch_seed * share.count + share.index
 
 
+def seed_dropout(model, seed):
+    """Set every dropout layer's seed generator to (seed, its index): the masks of an epoch become a function of
+    `seed` (int), like its augmentation. Keras draws these generators' state at random and does not checkpoint
+    it, so without this a resumed run (or a rerun) would drop other units than the uninterrupted one."""
+    generators = [layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None)]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.array([seed, index], dtype=generator.state.dtype))
+
+
 def learning_rate(model):
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
@@ -376,6 +403,7 @@ def train(cfg, return_model=False, extra_callbacks=(), task=None):
     `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one).
     `task`: what to train (default `ClassificationTask()`; localisation.LocalisationTask for box regression)."""
     task = task or ClassificationTask()
+    print(cpu_line())  # every figure of a run can be traced to its machine
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
     check_arguments(cfg, strategy.num_replicas_in_sync)
@@ -411,8 +439,10 @@ def train(cfg, return_model=False, extra_callbacks=(), task=None):
     fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
                                  state["best_top1"] if state else -1.0, task.monitor)
+    checkpoint.set_model(model)  # fit sets it too; a resumed run with no epoch left to train only reads it
     input_log = InputShareLog()
-    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), input_log, *extra_callbacks]
+    callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), OneEpochPerFit(), input_log,
+                 *extra_callbacks]
     if run_dir.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
@@ -420,23 +450,29 @@ def train(cfg, return_model=False, extra_callbacks=(), task=None):
         strategy, lambda context, batch: task.val_dataset(WorkerShare(source, context), batch, cfg, stats),
         task.num_examples(source, "val"), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
-    for epoch in range(first_epoch, cfg.epochs):
-        # each epoch its own shuffle and augmentation seed: a resumed run draws what the uninterrupted one would have
+    last_epoch = cfg.epochs
+    if schedule.ended_on_plateau:  # killed between the plateau's stop and finish(): only finish
+        print(f"{cfg.run_dir} ended on its plateau after epoch {first_epoch}: finishing it")
+        last_epoch = first_epoch
+    for epoch in range(first_epoch, last_epoch):
+        # each epoch its own shuffle, augmentation and dropout seed: a resumed run draws what the uninterrupted one
+        # would have
         def train_pipeline(context, batch, epoch_seed=cfg.seed * 100_003 + epoch):
             share = input_log.share(source, context, shuffle_seed=epoch_seed)
             return task.train_dataset(share, batch, cfg, stats, augmentation_seed(epoch_seed, share))
 
+        seed_dropout(model, cfg.seed * 100_003 + epoch)
         train_data, train_steps = epoch_of(strategy, train_pipeline, task.num_examples(source, "train"),
                                            cfg.batch_size)
         with worker_failures(strategy, lambda: len(checkpoint.history) and checkpoint.history[-1]["epoch"]):
             model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data,
-                      validation_steps=val_steps, initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks,
+                      validation_steps=val_steps, initial_epoch=epoch, epochs=cfg.epochs, callbacks=callbacks,
                       verbose="auto")
         if checkpoint.nan_epoch:
             raise FloatingPointError(
                 f"the loss became NaN in epoch {checkpoint.nan_epoch}; training stopped. The last good checkpoint "
                 f"({run_dir.checkpoints}) is kept: resume with a lower --lr or check the data")
-        if model.stop_training:
+        if schedule.ended_on_plateau:
             break
     epochs_done = checkpoint.history[-1]["epoch"] if checkpoint.history else first_epoch
     final = {**checkpoint.state(epochs_done), "ended_on_plateau": schedule.ended_on_plateau}

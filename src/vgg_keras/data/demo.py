@@ -1,10 +1,11 @@
 """The embedded demo data set: `vgg-keras make-demo-data DIR`, the default data of `make train`.
 
-Ten classes of shapes, each drawn once per image at a random size (40-85 % of the shorter side), position,
-rotation (within ±20°) and colour, on a cluttered background (noise, lines, blobs in colours near the
-background's, so that they texture the scene without competing with the object), in images of varied size and
-aspect ratio. Colour says nothing about the class, so a classifier must learn shape; the objects' varied
-scale and position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
+Ten classes of shapes, each drawn once per image at a random size (50-90 % of the shorter side), position
+(its centre within 15 % of the image's centre: a centre crop of the rescaled image sees most of it), rotation
+(within ±20°) and colour, on a cluttered background (noise, lines, blobs in colours near the background's, so that
+they texture the scene without competing with the object), in images of varied size and aspect ratio (3:4 to
+4:3). Colour says nothing about the class, so a classifier must learn shape; the objects' varied scale and
+position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
 
     DIR/train/<class>/<n>.jpg, DIR/val/<class>/<n>.jpg
     DIR/annotations.json   {"classes": [...], "images": [{"file", "label", "width", "height",
@@ -20,9 +21,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "arrow", "hexagon", "chevron")
-SIDE_RANGE = (64, 160)  # image sides, pixels
-ASPECT_RANGE = (0.6, 1.7)  # width / height
-OBJECT_RANGE = (0.4, 0.85)  # object size / shorter image side
+SIDE_RANGE = (56, 120)  # image sides, pixels (training rescales them to S = 32-40)
+ASPECT_RANGE = (0.75, 4 / 3)  # width / height: wider images would put objects outside the centre crop
+OBJECT_RANGE = (0.5, 0.9)  # object size / shorter image side
+CENTRE_SPREAD = 0.15  # the object's centre lies within this fraction of the width (height) of the image's centre
+TRAIN_PER_CLASS, VAL_PER_CLASS = 500, 50
 CLUTTER_CONTRAST = 50  # clutter colours differ from the background by at most this per channel
 MAX_ROTATION = 20  # degrees: more would turn a square into a diamond, an arrow into a chevron
 
@@ -96,8 +99,9 @@ def draw_example(rng, label):
     width, height = max(width, SIDE_RANGE[0] // 2), max(height, SIDE_RANGE[0] // 2)
     image, base = _background(rng, width, height)
     radius = rng.uniform(*OBJECT_RANGE) * min(width, height) / 2
-    cx = rng.uniform(radius, width - radius)
-    cy = rng.uniform(radius, height - radius)
+    cx = rng.uniform(max(radius, width * (0.5 - CENTRE_SPREAD)), min(width - radius, width * (0.5 + CENTRE_SPREAD)))
+    cy = rng.uniform(max(radius, height * (0.5 - CENTRE_SPREAD)),
+                     min(height - radius, height * (0.5 + CENTRE_SPREAD)))
     colour = _colour(rng, avoid=base)
     draw = ImageDraw.Draw(image)
     if label in ("circle", "ring"):
@@ -115,7 +119,7 @@ def draw_example(rng, label):
     return image, box
 
 
-def make_demo_data(out_dir, train_per_class=300, val_per_class=30, seed=0, classes=CLASSES):
+def make_demo_data(out_dir, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS, seed=0, classes=CLASSES):
     """Write the demo data set under `out_dir` (see the module docstring); returns the annotation dict."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose an empty or new directory")
