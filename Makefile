@@ -46,7 +46,7 @@ train: install $(if $(DATA),,demo-data)
 
 # Exports the newest runs/*/best.keras as saved_models/NAME/<next version> (NAME default: vgg_<config>).
 # Override: make export RUN=runs/x NAME=y SCALES=256,384,512
-RUN ?= $(patsubst %/best.keras,%,$(firstword $(shell ls -t runs/*/best.keras 2>/dev/null)))
+RUN ?= $(patsubst %/best.keras,%,$(firstword $(filter-out runs/loc-%,$(shell ls -t runs/*/best.keras 2>/dev/null))))
 export: install
 	@test -n "$(RUN)" || { echo "make export: no runs/*/best.keras to export; train first or pass RUN=<run dir>" >&2; exit 2; }
 	$(CLI) export --model $(RUN) $(if $(NAME),--name $(NAME)) $(if $(SCALES),--scales $(SCALES))
@@ -68,6 +68,27 @@ eval-center eval-dense eval-multicrop: eval-%: install
 eval-fusion: install
 	@test -n "$(word 2,$(MODELS))" || { echo 'make eval-fusion: name two runs or more, e.g. MODELS="runs/a runs/b"' >&2; exit 2; }
 	$(CLI) eval $(foreach m,$(MODELS),--model $(m)) --method $(METHOD) $(EVAL_FLAGS) --out runs/eval-fusion.json
+
+# Localisation (PAPER.md section 5): `make train-loc` fine-tunes the newest demo classification run
+# (LOC_FROM=runs/x to choose; default the newest runs/demo-*/best.keras) into a per-class box-regression net in
+# LOC_RUN (default runs/loc-<from>), on the demo boxes (BOXES=... for VOC/ILSVRC XML folders or a Kaggle CSV).
+# LOC_FLAGS passes other `vgg-keras train-localisation` flags (--regression single-class, --fine-tune fc, ...).
+# `make eval-loc`: both protocols (centre crop; dense with the classifier's top-5), reports in LOC_RUN/eval-loc-*.
+.PHONY: train-loc eval-loc
+LOC_FROM ?= $(patsubst %/best.keras,%,$(firstword $(shell ls -t runs/demo-*/best.keras 2>/dev/null)))
+LOC_RUN ?= runs/loc-$(notdir $(LOC_FROM))
+BOXES ?= $(DEMO_DATA)/annotations.json
+LOC_DEMO_FLAGS := --epochs 5 --lr 0.01 --plateau-patience 3
+train-loc: install demo-data
+	@test -n "$(LOC_FROM)" || { echo "make train-loc: no runs/demo-*/best.keras to start from; run make train first or pass LOC_FROM=<run dir>" >&2; exit 2; }
+	$(CLI) train-localisation --from $(LOC_FROM) --boxes $(BOXES) --run-dir $(LOC_RUN) \
+		$(if $(filter $(DEMO_DATA)/annotations.json,$(BOXES)),$(LOC_DEMO_FLAGS)) $(LOC_FLAGS)
+eval-loc: install
+	@test -f "$(LOC_RUN)/best.keras" || { echo "make eval-loc: $(LOC_RUN)/best.keras does not exist; run make train-loc first or pass LOC_RUN=<run dir>" >&2; exit 2; }
+	$(CLI) eval-localisation --model $(LOC_RUN) --classifier $(LOC_FROM) --protocol center \
+		--out $(LOC_RUN)/eval-loc-center.json --figure $(LOC_RUN)/eval-loc-center.png
+	$(CLI) eval-localisation --model $(LOC_RUN) --classifier $(LOC_FROM) --protocol dense \
+		--out $(LOC_RUN)/eval-loc-dense.json --figure $(LOC_RUN)/eval-loc-dense.png
 
 # The paper's Tables 3-6 as one resumable plan (src/vgg_keras/reproduce.py). Without DATA: pipelines/demo.toml on the
 # demo data (A, A-LRN, B, D and D fine-tuned at S/7, 2 epochs each) into runs/demo-paper; with DATA=...: the whole

@@ -18,7 +18,13 @@ def cmd_export(args):
     from .export import export
 
     scales = parse_scales(args.scales) if args.scales else None
-    print(f"exported {export(args.model, args.name, scales, args.top_k, args.out, **max_pixels(args))}")
+    extend = None
+    if args.localisation:
+        from .localisation import localise_extension
+
+        extend = localise_extension(args.localisation)
+    path = export(args.model, args.name, scales, args.top_k, args.out, extend=extend, **max_pixels(args))
+    print(f"exported {path}")
 
 
 def cmd_eval(args):
@@ -57,6 +63,32 @@ def cmd_train(args):
           f"{cfg.run_dir} --method multicrop+dense")
     print(f"Export it:    make export          or   vgg-keras export --model {cfg.run_dir} --name "
           f"vgg_{cfg.config.lower().replace('-', '_')}")
+
+
+def cmd_train_localisation(args):
+    from .data import parse_scale
+    from .localisation import LocalisationConfig, train_localisation
+
+    cfg = LocalisationConfig(
+        from_run=args.from_run, data=args.data or "", boxes=args.boxes or "", regression=args.regression,
+        fine_tune=args.fine_tune, run_dir=args.run_dir, scale=parse_scale(args.scale) if args.scale else None,
+        crop=args.crop or 0, epochs=args.epochs, batch_size=args.batch_size or 0, lr=args.lr,
+        plateau_patience=args.plateau_patience, seed=args.seed)
+    state = train_localisation(cfg)
+    print(f"\nRun finished: {cfg.run_dir} ({state['epoch']} epochs, best val mean IoU {state['best_top1']:.3f})")
+    print(f"Evaluate it:  make eval-loc   or   vgg-keras eval-localisation --model {cfg.run_dir} "
+          f"--classifier {cfg.from_run} --protocol dense")
+
+
+def cmd_eval_localisation(args):
+    from .evaluate import parse_scales
+    from .localisation import run_localisation_eval
+
+    run_localisation_eval(args.model, classifier=args.classifier, data=args.data, boxes=args.boxes,
+                          split=args.split, protocol=args.protocol,
+                          scales=parse_scales(args.scales) if args.scales else None, flip=not args.no_flip,
+                          merge_iou=args.merge_iou, limit=args.limit, out=args.out, predictions=args.predictions,
+                          figure=args.figure, **max_pixels(args))
 
 
 def cmd_reproduce(args):
@@ -240,6 +272,8 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=5, help="classes returned per image (default: 5)")
     add_max_pixels(p)
     p.add_argument("--out", default="saved_models", help="folder of exported models (default: saved_models)")
+    p.add_argument("--localisation", metavar="LOCRUN", help="a localisation run of --model's classes: adds the "
+                   "`localise` signature (top-k classes, scores and one box each, in image pixels)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="top-k classes of image files with an exported SavedModel")
@@ -269,6 +303,46 @@ def build_parser():
     p.add_argument("--predictions", metavar="FILE", help="per-image top-5 with class names: CSV for FILE.csv, "
                    "JSON lines otherwise")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-localisation", help="fine-tune a classification run into a box-regression net "
+                       "(PAPER.md section 5); resumes an unfinished run")
+    p.add_argument("--from", dest="from_run", required=True, metavar="RUN",
+                   help="classification run of the same configuration (all layers but the last are copied)")
+    p.add_argument("--data", help="training data (default: the --from run's)")
+    p.add_argument("--boxes", help="annotations.json, a folder of VOC/ILSVRC XML files or a Kaggle LOC CSV "
+                   "(default: DATA/annotations.json)")
+    p.add_argument("--regression", default="per-class", choices=["per-class", "single-class"])
+    p.add_argument("--fine-tune", default="all", choices=["all", "fc"], help="all layers, or only fc1 and fc2")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--scale", help="training scale S (default: the --from run's)")
+    p.add_argument("--crop", type=int, help="crop size (default: the --from run's)")
+    p.add_argument("--epochs", type=int, default=74)
+    p.add_argument("--batch-size", type=int, help="default: the --from run's")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (the paper's 1e-3)")
+    p.add_argument("--plateau-patience", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_localisation)
+
+    p = sub.add_parser("eval-localisation", help="localisation error (GT class, ILSVRC top-1 / top-5) by the "
+                       "paper's centre-crop or dense protocol; several --model pool their boxes")
+    p.add_argument("--model", action="append", required=True, metavar="LOCRUN", help="localisation run; repeat")
+    p.add_argument("--classifier", metavar="RUN", help="classification run giving the top-5 guesses "
+                   "(needed by --protocol dense)")
+    p.add_argument("--data", help="default: the data the first --model was trained on")
+    p.add_argument("--boxes", help="ground-truth boxes (default: the first --model's training boxes)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--protocol", default="dense", choices=["center", "dense"])
+    p.add_argument("--scales", help="test scales Q (default: center: the middle of the training scales; "
+                   "dense: the paper's three)")
+    p.add_argument("--merge-iou", type=float, default=0.5, help="greedy merging averages two boxes while their "
+                   "IoU is at least this (default 0.5)")
+    add_max_pixels(p)
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images with boxes")
+    p.add_argument("--out", help="report JSON (markdown beside it)")
+    p.add_argument("--predictions", metavar="FILE", help="per-image guesses and boxes, JSON lines")
+    p.add_argument("--figure", metavar="PNG", help="draw the first images with ground-truth and predicted boxes")
+    p.set_defaults(func=cmd_eval_localisation)
 
     p = sub.add_parser("reproduce", help="the paper's Tables 3-6 as one resumable plan: train the runs in dependency "
                        "order, evaluate every row, write RUNS/tables.md (paper vs ours)")

@@ -181,15 +181,18 @@ def write_warmup(saved_model_dir, model_name):
             writer.write(record)
 
 
-def write_saved_model(path, run, model_name, scales, top_k, max_pixels=DEFAULT_MAX_PIXELS):
+def write_saved_model(path, run, model_name, scales, top_k, max_pixels=DEFAULT_MAX_PIXELS, extend=None):
     """The SavedModel of `run` at `path`: Keras's ExportArchive, whose variables the session loader of
-    TF Serving finds (a raw tf.saved_model.save of Keras 3 variables fails there), plus the warm-up."""
+    TF Serving finds (a raw tf.saved_model.save of Keras 3 variables fails there), plus the warm-up.
+    extend(archive, serving, scales): adds more signatures (localisation.localise_extension)."""
     with float32_policy():
         serving = DenseServing(as_float32(run.model), run.class_names, run.stats.mean_rgb, scales, top_k, max_pixels)
         archive = keras.export.ExportArchive()
         archive.track(serving.dense_model)
         for name, fn in serving.endpoints().items():
             archive.add_endpoint(name, fn)
+        if extend is not None:
+            extend(archive, serving, serving._scales)
         archive.write_out(path, verbose=False)
     write_warmup(path, model_name)
 
@@ -258,7 +261,8 @@ def _warn_stale_temporaries(model_dir):
               file=sys.stderr)
 
 
-def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS, max_pixels=DEFAULT_MAX_PIXELS):
+def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS, max_pixels=DEFAULT_MAX_PIXELS,
+           extend=None):
     """Export `model` (a run directory, a .keras file or a loaded Run) as out/NAME/<next version>/ and
     rewrite out/models.config. name: default vgg_<config>; scales: default the paper's test scales;
     max_pixels: the bound on one dense view in the graph (--max-pixels, `evaluate.bounded_view`).
@@ -283,7 +287,7 @@ def export(model, name=None, scales=None, top_k=DEFAULT_TOP_K, out=SAVED_MODELS,
     final = os.path.join(model_dir, str(version))
     tmp = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
     try:
-        write_saved_model(tmp, run, name, scales, top_k, max_pixels)
+        write_saved_model(tmp, run, name, scales, top_k, max_pixels, extend)
         if os.path.exists(final):  # rename would replace an empty folder silently
             raise FileExistsError(f"{final} appeared during the export (another export of {name!r}?)")
         os.rename(tmp, final)

@@ -201,12 +201,13 @@ class RunDirectory:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch with a finite loss: checkpoint, state, log, and best.keras when val top-1 improved."""
+    """After each epoch with a finite loss: checkpoint, state, log, and best.keras when the monitored validation
+    metric (val top-1; the task's `monitor`) improved. `best_top1` holds that metric's best value."""
 
-    def __init__(self, run_dir, schedule, history, best_top1):
+    def __init__(self, run_dir, schedule, history, best_top1, monitor="val_top1"):
         super().__init__()
         self.run_dir, self.schedule, self.history, self.best_top1 = run_dir, schedule, history, best_top1
-        self.nan_epoch = None
+        self.monitor, self.nan_epoch = monitor, None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -216,8 +217,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in sorted(logs.items())}}
         self.history.append(row)
-        if logs.get("val_top1", -1) > self.best_top1:
-            self.best_top1 = logs["val_top1"]
+        if logs.get(self.monitor, -1) > self.best_top1:
+            self.best_top1 = logs[self.monitor]
             self.run_dir.save_model(self.model, "best.keras")
         self.run_dir.save_epoch(self.model, epoch, self.state(epoch + 1))
 
@@ -237,22 +238,24 @@ class OneEpochPerFit(keras.callbacks.Callback):
 
 
 def plot_history(history, path):
-    """history.png (PNG at `path`): loss, top-1, top-5 and learning rate per epoch."""
+    """history.png (PNG at `path`): each logged quantity (loss, top-1, top-5; a localisation run's IoU) and the
+    learning rate per epoch, training and validation in one panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ("loss", "top1", "top5", "lr")):
+    keys = sorted({k.removeprefix("val_") for k in (history[0] if history else {})} - {"epoch", "lr"}) or ["loss"]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * len(keys) + 4, 3.5))
+    for ax, key in zip(axes, keys + ["lr"]):
         for prefix, style in (("", "-"), ("val_", "--")):
             if prefix + key in (history[0] if history else {}):
                 ax.plot(epochs, [row[prefix + key] for row in history], style, label=prefix + key)
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
-    axes[3].set_yscale("log")
+    axes[-1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -367,13 +370,41 @@ def learning_rate(model):
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
+class ClassificationTask:
+    """What `train` trains: the model, the start weights, the datasets and the validation metric that picks
+    best.keras and drives the plateau schedule. Localisation supplies another (localisation.LocalisationTask).
+
+    The datasets are per input pipeline (per worker): `share` is that pipeline's `distribute.WorkerShare` of the
+    source and `batch` its per-replica batch size; `num_examples` counts the whole split (all workers)."""
+
+    monitor = "val_top1"
+
+    def build(self, cfg, num_classes):
+        return build_and_compile(cfg, num_classes)
+
+    def start_weights(self, model, cfg, num_classes):
+        return start_weights(model, cfg, num_classes)
+
+    def num_examples(self, source, split):
+        return source.num_examples(split)
+
+    def train_dataset(self, share, batch, cfg, stats, seed):
+        """One epoch of `share`'s training batches, augmented with `seed`."""
+        return vdata.train_dataset(share, batch, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats, seed=seed)
+
+    def val_dataset(self, share, batch, cfg, stats):
+        return vdata.val_dataset(share, batch, crop=cfg.crop, q=cfg.val_q, stats=stats)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The entry point
 
 
-def train(cfg, return_model=False, extra_callbacks=()):
+def train(cfg, return_model=False, extra_callbacks=(), task=None):
     """Train (or resume) the run `cfg.run_dir`; returns its final state dict (and the model if asked).
-    `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one)."""
+    `extra_callbacks`: Keras callbacks added to the run's own (bench/bench_fit.py times the loop with one).
+    `task`: what to train (default `ClassificationTask()`; localisation.LocalisationTask for box regression)."""
+    task = task or ClassificationTask()
     print(cpu_line())  # every figure of a run can be traced to its machine
     policy = set_precision(cfg.mixed_precision)
     strategy = distribution_strategy()
@@ -389,9 +420,10 @@ def train(cfg, return_model=False, extra_callbacks=()):
     # Across workers, the chief's run directory decides (the others need not see it): its checks, its state
     state = on_chief(strategy, lambda: run_dir.prepare(resolved, source.class_names, stats))
 
-    schedule = PlateauSchedule(patience=cfg.plateau_patience, max_reductions=cfg.max_lr_reductions)
+    schedule = PlateauSchedule(monitor=task.monitor, patience=cfg.plateau_patience,
+                               max_reductions=cfg.max_lr_reductions)
     with strategy.scope():
-        model = build_and_compile(cfg, num_classes)
+        model = task.build(cfg, num_classes)
         model.optimizer.build(model.trainable_variables)
     # Outside the scope: what only the chief does (load a checkpoint or a source run) must create no variable of
     # the strategy, since each is a collective that the other workers would not join.
@@ -402,13 +434,14 @@ def train(cfg, return_model=False, extra_callbacks=()):
         schedule.restore(state["schedule"])
         print(f"Resuming {cfg.run_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
     elif run_dir.is_chief:
-        copied = start_weights(model, cfg, num_classes)
+        copied = task.start_weights(model, cfg, num_classes)
         if copied:
-            print(f"Initialised {len(copied)} layers from {cfg.init_from or cfg.finetune_from}: {', '.join(copied)}")
+            source_run = getattr(cfg, "from_run", None) or cfg.init_from or cfg.finetune_from
+            print(f"Initialised {len(copied)} layers from {source_run}: {', '.join(copied)}")
     sync_from_chief(strategy, model)  # the chief's weights and optimizer state on every worker
     fix_keras_for_multi_worker(model, strategy)
     checkpoint = EpochCheckpoint(run_dir, schedule, list(state["history"]) if state else [],
-                                 state["best_top1"] if state else -1.0)
+                                 state["best_top1"] if state else -1.0, task.monitor)
     checkpoint.set_model(model)  # fit sets it too; a resumed run with no epoch left to train only reads it
     input_log = InputShareLog()
     callbacks = [schedule, checkpoint, keras.callbacks.TerminateOnNaN(), OneEpochPerFit(), input_log,
@@ -417,9 +450,8 @@ def train(cfg, return_model=False, extra_callbacks=()):
         callbacks.append(keras.callbacks.TensorBoard(log_dir=run_dir.file("tensorboard"), write_graph=False))
 
     val_data, val_steps = epoch_of(
-        strategy, lambda context, batch: vdata.val_dataset(WorkerShare(source, context), batch, crop=cfg.crop,
-                                                           q=cfg.val_q, stats=stats),
-        source.num_examples("val"), cfg.batch_size)
+        strategy, lambda context, batch: task.val_dataset(WorkerShare(source, context), batch, cfg, stats),
+        task.num_examples(source, "val"), cfg.batch_size)
     first_epoch = state["epoch"] if state else 0
     last_epoch = cfg.epochs
     if schedule.ended_on_plateau:  # killed between the plateau's stop and finish(): only finish
@@ -430,11 +462,11 @@ def train(cfg, return_model=False, extra_callbacks=()):
         # would have
         def train_pipeline(context, batch, epoch_seed=cfg.seed * 100_003 + epoch):
             share = input_log.share(source, context, shuffle_seed=epoch_seed)
-            return vdata.train_dataset(share, batch, scale=tuple(cfg.scale), crop=cfg.crop, stats=stats,
-                                       seed=augmentation_seed(epoch_seed, share))
+            return task.train_dataset(share, batch, cfg, stats, augmentation_seed(epoch_seed, share))
 
         seed_dropout(model, cfg.seed * 100_003 + epoch)
-        train_data, train_steps = epoch_of(strategy, train_pipeline, source.num_examples("train"), cfg.batch_size)
+        train_data, train_steps = epoch_of(strategy, train_pipeline, task.num_examples(source, "train"),
+                                           cfg.batch_size)
         with worker_failures(strategy, lambda: len(checkpoint.history) and checkpoint.history[-1]["epoch"]):
             model.fit(train_data, steps_per_epoch=train_steps, validation_data=val_data,
                       validation_steps=val_steps, initial_epoch=epoch, epochs=cfg.epochs, callbacks=callbacks,

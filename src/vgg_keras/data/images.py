@@ -145,6 +145,14 @@ def decode_rgb(image_bytes):
     return tf.cast(image, tf.float32)
 
 
+def displayed_size(image_bytes):
+    """[h, w] int32 of the image as `decode_rgb` shows it (EXIF orientation applied): a JPEG's from its header, other
+    formats' by decoding. Boxes and crop windows are given in this frame."""
+    return tf.cond(is_jpeg(image_bytes),
+                   lambda: displayed_shape(tf.image.extract_jpeg_shape(image_bytes)[:2], jpeg_orientation(image_bytes)),
+                   lambda: tf.shape(decode_pixels(image_bytes))[:2])
+
+
 def rescaled_size(height, width, smallest_side):
     """(h, w) after an isotropic rescale that makes the smaller side `smallest_side` (int32 tensors)."""
     height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
