@@ -44,7 +44,7 @@ from .evaluate import (DEFAULT_MAX_PIXELS, ModelScorer, bounded_view, check_max_
                        test_scales)
 from .model import build_vgg, conv_layers, fully_convolutional, initialize_from
 from .report import format_test_scales, format_train_scale, report_paths
-from .runs import load_run, write_json_atomic
+from .runs import load_run, save_figure, write_json_atomic, write_text_atomic
 from .train import TrainConfig, train
 
 REGRESSIONS = {"per-class": "PCR", "single-class": "SCR"}
@@ -486,13 +486,10 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
     if out:
         json_path, markdown_path = report_paths(out)
         write_json_atomic(json_path, report)
-        with open(markdown_path, "w") as f:
-            f.write(markdown_table(report))
+        write_text_atomic(markdown_path, markdown_table(report))
         print(f"written to {json_path} and {markdown_path}")
     if predictions:
-        with open(predictions, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_text_atomic(predictions, "".join(json.dumps(row) + "\n" for row in rows))
     if figure:
         plot_boxes(shown, first.class_names, figure)
         print(f"boxes drawn in {figure}")
@@ -574,8 +571,7 @@ def plot_boxes(shown, class_names, path):
         ax.set_title(f"{class_names[guess]} (GT {class_names[row['label']]}), IoU {overlap:.2f}", fontsize=8,
                      color="black" if guess == row["label"] else "red")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
