@@ -35,7 +35,7 @@ summary: install
 # TRAIN_FLAGS="--init-from runs/a ..." passes any other `vgg-keras train` flag.
 .PHONY: train demo-data
 DEMO_DATA := data/demo
-DEMO_FLAGS := --scale 32:40 --crop 32 --batch-size 32 --lr 0.01 --epochs 8 --init glorot --plateau-patience 6
+DEMO_FLAGS := --scale 32:40 --crop 32 --batch-size 32 --lr 0.01 --epochs 6 --init glorot --plateau-patience 6
 TRAIN_DATA = $(if $(DATA),$(DATA),$(DEMO_DATA))
 TRAIN_RUN = $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/$(if $(DATA),,demo-)$(CONFIG))
 demo-data: install

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and run directories, and the real images in ../shared/data."""
+"""Shared fixtures: tiny models and run directories (every test builds its own images)."""
 
 import json
 import os
@@ -11,21 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import vgg_keras  # noqa: E402,F401  (before any test module imports TensorFlow: it chooses oneDNN)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
-
-
-@pytest.fixture
-def imagenet_samples():
-    """The ~1000 real ImageNet JPEGs of ../shared/data/imagenet-samples (skips when absent)."""
-    if not SHARED_SAMPLES.is_dir():
-        pytest.skip(f"real images not available: {SHARED_SAMPLES} does not exist (../shared is absent)")
-    return sorted(SHARED_SAMPLES.glob("*.JPEG"))
-
 
 def make_run_dir(path, config="A", num_classes=3, crop=32, scale=(40, 48), seed=0):
     """A run directory as training leaves it (see vgg_keras.runs), with a randomly initialised model."""
-    import vgg_keras
     from vgg_keras.data.stats import IMAGENET_STATS
 
     path = pathlib.Path(path)
