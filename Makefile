@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests  # two tests at a time (pytest-xdist): 2 cores
 
 bench: install
 	$(PY) bench/run.py
