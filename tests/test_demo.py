@@ -70,3 +70,28 @@ def test_command(tmp_path):
                              "--train-per-class", "2", "--val-per-class", "1"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"30 images of 10 classes in {tmp_path / 'demo'}" in result.stdout
+
+
+def test_object_range_and_centre_spread_reach_the_boxes(tmp_path):
+    """Small, off-centre objects (for localisation experiments): sizes and centres spread as asked."""
+    annotations = make_demo_data(tmp_path, train_per_class=30, val_per_class=0, object_range=(0.2, 0.4),
+                                 centre_spread=0.35, classes=("circle",))
+    sizes, offsets = [], []
+    for entry in annotations["images"]:
+        xmin, ymin, xmax, ymax = entry["box"]
+        short = min(entry["width"], entry["height"])
+        sizes.append((xmax - xmin) / short)  # circles: the box side is the object's size
+        offsets.append(abs((xmin + xmax) / 2 - entry["width"] / 2) / entry["width"])
+    assert 0.19 <= min(sizes) and max(sizes) <= 0.41
+    assert max(offsets) > CENTRE_SPREAD + 0.05  # beyond the default's spread
+    assert max(offsets) <= 0.35 + 0.01
+
+
+@pytest.mark.parametrize("flags, message", [(["--object-range", "0.9:0.5"], "object range 0.9-0.5"),
+                                            (["--object-range", "big"], "--object-range 'big'"),
+                                            (["--centre-spread", "0.7"], "centre spread 0.7")])
+def test_bad_spread_flags_are_named(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "-m", "vgg_keras.cli", "make-demo-data", str(tmp_path / "demo"),
+                             "--train-per-class", "1", "--val-per-class", "1", *flags], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "demo").exists()

@@ -101,8 +101,15 @@ def cmd_reproduce(args):
 def cmd_make_demo_data(args):
     from .data.demo import make_demo_data
 
+    try:
+        object_range = tuple(float(v) for v in args.object_range.split(":"))
+        if len(object_range) != 2:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--object-range {args.object_range!r}: expected MIN:MAX, e.g. 0.5:0.9") from None
     annotations = make_demo_data(args.dir, train_per_class=args.train_per_class,
-                                 val_per_class=args.val_per_class, seed=args.seed)
+                                 val_per_class=args.val_per_class, seed=args.seed, object_range=object_range,
+                                 centre_spread=args.centre_spread)
     print(f"{len(annotations['images'])} images of {len(annotations['classes'])} classes in {args.dir} "
           f"(boxes in {args.dir}/annotations.json)")
 
@@ -220,6 +227,10 @@ def build_parser():
     p.add_argument("--train-per-class", type=int, default=500)
     p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--object-range", default="0.5:0.9", metavar="MIN:MAX",
+                   help="object size as a fraction of the shorter image side (wider: boxes vary more)")
+    p.add_argument("--centre-spread", type=float, default=0.15,
+                   help="the object's centre lies within this fraction of the image's side from its centre")
     p.set_defaults(func=cmd_make_demo_data)
 
     p = sub.add_parser("prepare", help="convert a data source into sharded TFRecords (the fast path for large sets)")

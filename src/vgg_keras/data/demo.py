@@ -4,7 +4,7 @@ Ten classes of shapes, each drawn once per image at a random size (50-90 % of th
 (its centre within 15 % of the image's centre: a centre crop of the rescaled image sees most of it), rotation
 (within ±20°) and colour, on a cluttered background (noise, lines, blobs in colours near the background's, so that
 they texture the scene without competing with the object), in images of varied size and aspect ratio (3:4 to
-4:3). Colour says nothing about the class, so a classifier must learn shape; the objects' varied scale and
+4:3); `--object-range` / `--centre-spread` widen the sizes and positions. Colour says nothing about the class, so a classifier must learn shape; the objects' varied scale and
 position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
 
     DIR/train/<class>/<n>.jpg, DIR/val/<class>/<n>.jpg
@@ -91,17 +91,19 @@ def _background(rng, width, height):
     return image, base
 
 
-def draw_example(rng, label):
-    """One image (PIL, RGB) with one object of class `label`, and its box [xmin, ymin, xmax, ymax]."""
+def draw_example(rng, label, object_range=OBJECT_RANGE, centre_spread=CENTRE_SPREAD):
+    """One image (PIL, RGB) with one object of class `label`, and its box [xmin, ymin, xmax, ymax] (pixels).
+    object_range: (min, max) object size / shorter image side; centre_spread: the object's centre lies within this
+    fraction of the width (height) of the image's centre."""
     aspect = rng.uniform(*ASPECT_RANGE)
     side = rng.uniform(*SIDE_RANGE)
     width, height = (int(side), int(side / aspect)) if aspect >= 1 else (int(side * aspect), int(side))
     width, height = max(width, SIDE_RANGE[0] // 2), max(height, SIDE_RANGE[0] // 2)
     image, base = _background(rng, width, height)
-    radius = rng.uniform(*OBJECT_RANGE) * min(width, height) / 2
-    cx = rng.uniform(max(radius, width * (0.5 - CENTRE_SPREAD)), min(width - radius, width * (0.5 + CENTRE_SPREAD)))
-    cy = rng.uniform(max(radius, height * (0.5 - CENTRE_SPREAD)),
-                     min(height - radius, height * (0.5 + CENTRE_SPREAD)))
+    radius = rng.uniform(*object_range) * min(width, height) / 2
+    cx = rng.uniform(max(radius, width * (0.5 - centre_spread)), min(width - radius, width * (0.5 + centre_spread)))
+    cy = rng.uniform(max(radius, height * (0.5 - centre_spread)),
+                     min(height - radius, height * (0.5 + centre_spread)))
     colour = _colour(rng, avoid=base)
     draw = ImageDraw.Draw(image)
     if label in ("circle", "ring"):
@@ -119,16 +121,25 @@ def draw_example(rng, label):
     return image, box
 
 
-def make_demo_data(out_dir, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS, seed=0, classes=CLASSES):
-    """Write the demo data set under `out_dir` (see the module docstring); returns the annotation dict."""
+def make_demo_data(out_dir, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS, seed=0, classes=CLASSES,
+                   object_range=OBJECT_RANGE, centre_spread=CENTRE_SPREAD):
+    """Write the demo data set under `out_dir` (see the module docstring); returns the annotation dict.
+    `object_range` and `centre_spread` (see `draw_example`): wider ones give boxes that vary more, which a
+    localisation experiment needs (the default objects are so large and central that a constant box fits them
+    well). Raises FileExistsError for a non-empty `out_dir`, ValueError for ranges outside (0, 1] / [0, 0.5]."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose an empty or new directory")
+    low, high = object_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"object range {low}-{high}: sizes are fractions of the shorter side, 0 < min <= max <= 1")
+    if not 0 <= centre_spread <= 0.5:
+        raise ValueError(f"centre spread {centre_spread}: a fraction of the image's side, 0 to 0.5")
     rng = np.random.default_rng(seed)
     annotations = {"classes": list(classes), "seed": seed, "images": []}
     jobs = [(split, label, i) for split, count in (("train", train_per_class), ("val", val_per_class))
             for label in classes for i in range(count)]
     for split, label, i in tqdm(jobs, desc="demo images", unit="img"):
-        image, box = draw_example(rng, label)
+        image, box = draw_example(rng, label, object_range, centre_spread)
         relative = os.path.join(split, label, f"{i:04d}.jpg")
         os.makedirs(os.path.join(out_dir, split, label), exist_ok=True)
         image.save(os.path.join(out_dir, relative), quality=90)
