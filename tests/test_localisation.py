@@ -213,3 +213,45 @@ def test_train_localisation_runs_train_loop_from_the_classifier(tmp_path):
     for layer in conv_layers(source):
         for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(a, b)
+
+
+def _center_crop_boxes(annotations, split, q, crop):
+    """The ground-truth boxes of `split` as the centre crop at Q sees them, [x0, y0, x1, y1] in crop units: the
+    shorter side rescaled to Q, the central crop x crop window (an independent numpy version of the validation)."""
+    boxes = []
+    for item in annotations["images"]:
+        if item["file"].startswith(split + "/"):
+            s = q / min(item["width"], item["height"])
+            dx, dy = (item["width"] * s - crop) / 2, (item["height"] * s - crop) / 2
+            boxes.append((np.array(item["box"]) * s - [dx, dy, dx, dy]) / crop)
+    return np.array(boxes)
+
+
+def test_a_short_demo_run_learns_boxes_better_than_the_best_constant_box(tmp_path):
+    """make train then make train-loc, in short: a two-class classifier (the demo recipe, 4 epochs) fine-tuned into a
+    PCR net (all layers, lr 0.01) whose validation mean IoU clearly beats the mean training box's. The objects are
+    spread wider than the default demo's (30-90 % of the shorter side, centre within 30 %): the default ones are so
+    large and central that a constant box already reaches IoU ~0.63. Dropout and weight decay are off for the box
+    training: with them, 6 epochs gained 0.045 over the constant box, without them 0.075. Measured (seed 0, 2-core
+    AMD EPYC, ~3 min): constant box 0.434; the net 0.44, 0.44, 0.46, 0.46, 0.50, 0.51, 0.55, 0.60 after epochs
+    1-8 (the classifier's validation top-1 0.62, 0.59, 0.70, 0.67)."""
+    from vgg_keras.data.demo import make_demo_data
+    from vgg_keras.train import TrainConfig, train
+
+    annotations = make_demo_data(tmp_path / "demo", train_per_class=480, val_per_class=50,
+                                 classes=("circle", "cross"), object_range=(0.3, 0.9), centre_spread=0.3)
+    train(TrainConfig(config="A", data=str(tmp_path / "demo"), run_dir=str(tmp_path / "cls"), scale=(32, 40),
+                      crop=32, batch_size=32, lr=0.01, epochs=4, init="glorot"))
+    cfg = loc.LocalisationConfig(from_run=str(tmp_path / "cls"), run_dir=str(tmp_path / "loc"), epochs=8, lr=0.01,
+                                 dropout=0.0, weight_decay=0.0)
+    state = loc.train_localisation(cfg)
+    run = load_run(tmp_path / "loc")
+    assert run.config["boxes"] == str(tmp_path / "demo" / "annotations.json")  # the demo's boxes by default
+    q, crop = run.config["val_q"], run.crop
+    truth = _center_crop_boxes(annotations, "val", q, crop)
+    constant = _center_crop_boxes(annotations, "train", q, crop).mean(axis=0)
+    baseline = float(vb.iou(constant, truth).mean())
+    learned = [row["val_iou"] for row in state["history"]]
+    assert len(learned) == 8 and len(truth) == 100
+    assert max(learned) >= baseline + 0.08, f"constant box {baseline:.3f}, the net per epoch {learned}"
+    assert state["best_top1"] == pytest.approx(max(learned))
