@@ -21,7 +21,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist worksteal tests  # two tests at a time (pytest-xdist): 2 cores
+	# two tests at a time (pytest-xdist: 2 cores), handed out one by one, the slow ones first (tests/conftest.py)
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 tests
 
 bench: install
 	$(PY) bench/run.py

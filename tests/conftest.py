@@ -37,3 +37,9 @@ def tiny_run(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(items):
+    """The `slow` tests (20 s to 3 min each) first: `make test` hands tests one by one to two workers (pytest-xdist,
+    --maxschedchunk 1), and a long test started last would leave one core idle while it finishes."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in file order

@@ -367,6 +367,7 @@ with tf.compat.v1.Session(graph=tf.Graph()) as session:
 """
 
 
+@pytest.mark.slow
 def test_serving_bounds_the_memory_of_a_banner_and_a_large_photo(tmp_path):
     run = make_run_dir(tmp_path / "run")
     out = tmp_path / "saved_models"

@@ -227,6 +227,7 @@ def _center_crop_boxes(annotations, split, q, crop):
     return np.array(boxes)
 
 
+@pytest.mark.slow
 def test_a_short_demo_run_learns_boxes_better_than_the_best_constant_box(tmp_path):
     """make train then make train-loc, in short: a two-class classifier (the demo recipe, 4 epochs) fine-tuned into a
     PCR net (all layers, lr 0.01) whose validation mean IoU clearly beats the mean training box's. The objects are

@@ -124,6 +124,7 @@ def _wait(workers, timeout):
         worker.wait(timeout=max(1, deadline - time.time()))
 
 
+@pytest.mark.slow
 def test_two_workers_read_their_shares_survive_a_kill_and_resume(tmp_path):
     """Two workers, 25 training files (one empty) in batches of 8 (4 per worker): each reads its half. Worker 2 is
     killed in epoch 2: worker 1 stops within seconds, naming it; the same command on both resumes after epoch 1

@@ -147,6 +147,7 @@ def test_dry_run_prints_each_step_as_a_command_and_runs_nothing(tmp_path, capsys
 
 # --- a killed plan resumes -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_killed_plan_resumes_without_retraining_a_finished_run(tmp_path, capsys):
     data = make_folder_dataset(tmp_path / "data", classes=2, per_class=4)
     plan, runs = write_plan(tmp_path, TINY_PLAN), tmp_path / "runs"

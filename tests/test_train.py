@@ -151,6 +151,7 @@ def test_two_replicas_give_the_same_step_as_one():
 
 # --- crash safety ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_as_if_never_interrupted(tmp_path):
     """kill -9 mid-run, rerun: no epoch repeated, and the end state is the uninterrupted run's (same seed)."""
     data = make_folder_dataset(tmp_path / "data", per_class=8)
@@ -209,6 +210,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert result.returncode == 2 and "lr: 0.5 -> 0.001" in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_keeps_the_good_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
     """Epoch 1 trains; in epoch 2 of the same run the loss turns NaN (poisoned images): the run stops with a
     message, epoch 1's checkpoint is what remains, and the same command, the data fixed, resumes from it."""
@@ -240,6 +242,7 @@ def test_nan_loss_stops_training_keeps_the_good_checkpoint_and_resumes(tmp_path,
     assert final["epoch"] == 2 and log_epochs(run) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_the_plateau_ended_stays_ended_when_killed_before_finish(tmp_path, monkeypatch, capsys):
     """The plateau rule stops the run after epoch 2 (lr 1e-9: validation top-1 cannot move; patience 1, no
     reductions left); the process dies before finish(). Rerunning finishes it without training further."""
@@ -319,6 +322,7 @@ def test_finetune_copies_every_layer(tmp_path):
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_init_from_and_finetune_from_through_train(tmp_path, capsys):
     """`--init-from` (B from a run of A) and `--finetune-from` (A from A) end to end, with a `--stats` file:
     after one epoch at lr 1e-9 the copied layers still hold the source's weights."""
@@ -354,6 +358,7 @@ def test_source_runs_that_do_not_fit_are_refused(tmp_path):
         start_weights(target, _config(config="D", init_from=str(b)), 3)
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_a_float32_softmax(tmp_path):
     data = make_folder_dataset(tmp_path / "data", per_class=4)
     result = run_cli("train", *TINY, "--mixed-precision", "--data", str(data), "--run-dir", str(tmp_path / "run"),
@@ -398,6 +403,7 @@ def makefile_demo_flags():
     return flags
 
 
+@pytest.mark.slow
 def test_default_demo_run_learns_in_a_short_version(tmp_path):
     """`make train`'s recipe (DEMO_FLAGS, config A) on two of the demo's shapes for 4 short epochs.
 
