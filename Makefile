@@ -20,8 +20,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# Two tests at a time (pytest-xdist: 2 cores), handed out one by one, the slow ones first (tests/conftest.py).
 test: install
-	# two tests at a time (pytest-xdist: 2 cores), handed out one by one, the slow ones first (tests/conftest.py)
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1 tests
 
 bench: install

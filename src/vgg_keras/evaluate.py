@@ -521,7 +521,8 @@ def _report(members, method, flip, softmax_first, grid, ranks, seconds, skipped)
     headline = rows[-1]  # the fusion's (or the one model's) `method`: the last key of `evaluate`
     images = len(next(iter(ranks.values())))
     models = [{"path": str(m.run.path), "config": m.config,
-               "train_scale": list(m.run.scale) if m.run.scale else None, "test_scales": list(m.scales), "crop": m.scorer.crop,
+               "train_scale": list(m.run.scale) if m.run.scale else None, "test_scales": list(m.scales),
+               "crop": m.scorer.crop,
                "views_per_image": views_per_image(method, m.scales, flip, grid),
                "traces": m.scorer.trace_counts()} for m in members]
     return {

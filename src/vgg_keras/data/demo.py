@@ -4,8 +4,9 @@ Ten classes of shapes, each drawn once per image at a random size (50-90 % of th
 (its centre within 15 % of the image's centre: a centre crop of the rescaled image sees most of it), rotation
 (within ±20°) and colour, on a cluttered background (noise, lines, blobs in colours near the background's, so that
 they texture the scene without competing with the object), in images of varied size and aspect ratio (3:4 to
-4:3); `--object-range` / `--centre-spread` widen the sizes and positions. Colour says nothing about the class, so a classifier must learn shape; the objects' varied scale and
-position are what scale jittering and multi-crop evaluation are for. Deterministic for a seed.
+4:3); `--object-range` / `--centre-spread` widen the sizes and positions. Colour says nothing about the class, so
+a classifier must learn shape; the objects' varied scale and position are what scale jittering and multi-crop
+evaluation are for. Deterministic for a seed.
 
     DIR/train/<class>/<n>.jpg, DIR/val/<class>/<n>.jpg
     DIR/annotations.json   {"classes": [...], "images": [{"file", "label", "width", "height",
