@@ -423,8 +423,8 @@ def run_localisation_eval(models, classifier=None, data=None, boxes=None, split=
     boxes) on `split` of `data` (default: what the first was trained on) with ground truth `boxes` (default: its
     training boxes). `classifier` (a classification run) gives the top-5 guesses; without it only the GT-class
     error is measured (the dense protocol needs it). `max_pixels` bounds every dense view (`--max-pixels`).
-    Writes `out` (JSON) and its markdown table, per-image boxes
-    to `predictions` (JSON lines), and a PNG of the first images with their boxes to `figure`. Returns the report."""
+    Writes `out` (JSON) and its markdown table, per-image boxes to `predictions` (JSON lines), and a PNG of the
+    first images with their boxes to `figure`. Returns the report."""
     if protocol not in ("center", "dense"):
         raise ValueError(f"--protocol {protocol!r}: expected center or dense")
     if protocol == "dense" and not classifier:
