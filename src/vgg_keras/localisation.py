@@ -45,7 +45,7 @@ from .evaluate import (DEFAULT_MAX_PIXELS, ModelScorer, bounded_view, check_max_
 from .model import build_vgg, conv_layers, fully_convolutional, initialize_from
 from .report import format_test_scales, format_train_scale, report_paths
 from .runs import load_run, save_figure, write_json_atomic, write_text_atomic
-from .train import TrainConfig, train
+from .train import TrainConfig, train, validation_scale
 
 REGRESSIONS = {"per-class": "PCR", "single-class": "SCR"}
 FINE_TUNE = ("all", "fc")
@@ -318,7 +318,7 @@ def load_members(paths, protocol, scales=None):
             raise ValueError(f"--model {path}: its classes are not those of {members[0].run.path}")
         if scales is None and run.scale is None:
             raise ValueError(f"--model {path}: no training scale recorded; pass --scales")
-        default = ((max(run.crop, round(sum(run.scale) / 2)),) if protocol == "center" else test_scales(run.scale)) \
+        default = ((validation_scale(run.scale, run.crop),) if protocol == "center" else test_scales(run.scale)) \
             if scales is None else tuple(scales)
         model = run.model
         members.append(LocMember(
@@ -330,12 +330,6 @@ def load_members(paths, protocol, scales=None):
     return members
 
 
-def params_of_class(params, label, num_classes):
-    """(cx, cy, w, h) [..., 4] of class `label` from outputs [..., 4] or [..., 4 * num_classes]."""
-    params = np.asarray(params)
-    return params if params.shape[-1] == 4 else params[..., 4 * label:4 * label + 4]
-
-
 def center_boxes(member, data, label):
     """Boxes [scales, 4] (image pixels) of class `label` from the centre crop at each of the member's scales."""
     shape = vboxes.image_shape(data)
@@ -343,7 +337,7 @@ def center_boxes(member, data, label):
     for q in member.scales:
         q = max(int(q), member.run.crop)
         crop = eval_transform(data, q, member.run.crop, member.run.stats)[None]
-        params = params_of_class(member.fc_fn(crop).numpy()[0], label, member.num_classes)
+        params = class_boxes(member.fc_fn(crop), [label], member.num_classes)[0]
         box = vboxes.from_center_size(params, member.run.crop)
         out.append(vboxes.crop_to_window(box, center_window(q, member.run.crop)(shape), member.run.crop, False))
     return np.stack([b.numpy() for b in out])

@@ -65,7 +65,13 @@ class TrainConfig:
     @property
     def val_q(self):
         """Centre-crop validation at the middle of the training scales (Q = S for a fixed S)."""
-        return max(self.crop, round((self.scale[0] + self.scale[1]) / 2))
+        return validation_scale(self.scale, self.crop)
+
+
+def validation_scale(scale, crop):
+    """The test scale Q (pixels, int) of centre-crop validation: the middle of the training scales (Q = S for a
+    fixed S), at least the crop. scale: (Smin, Smax)."""
+    return max(int(crop), round((scale[0] + scale[1]) / 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
